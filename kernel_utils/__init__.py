@@ -1,0 +1,1 @@
+"""kernel_utils: the shared engine of the RSNA 2022 cervical spine notebooks."""
