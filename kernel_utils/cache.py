@@ -1,0 +1,300 @@
+"""The preprocessing cache: one npz per study of windowed slices plus what later stages need.
+
+`WORK_DIR/cache/<key>/<uid>.npz`, the key a hash of every parameter that changes the bytes plus CACHE_VERSION,
+a readable `spec.json` beside. Writes are atomic (temp file in the same folder, then os.replace); an entry that
+cannot be read back is deleted and rebuilt; a rerun skips finished studies; `shard` splits work across machines.
+
+    python -m kernel_utils.cache --data-dir DIR --work-dir WORK --split train --image-size 256 --shard 1/2
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import time
+import zipfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from kernel_utils.dicom_io import Study, load_study
+from kernel_utils.nifti_align import load_segmentation
+from kernel_utils.windowing import SEED002_WINDOWS, Window, otsu_crop_box, packed_lut, resize_slices
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+REQUIRED_KEYS = ("images", "z", "slice_numbers", "spacing", "original_shape", "crop_box", "meta")
+
+
+class CacheEntryCorrupt(RuntimeError):
+    """A cache file that cannot be read back."""
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Everything that changes the cached bytes.
+
+    Attributes:
+        windows: the channels, one CT window each (at most 4).
+        image_size: side of the square cached slices; None keeps the native size.
+        crop: crop every slice to the study's Otsu box (seed 002) before resizing.
+        compress: np.savez_compressed (about 7x smaller, about 30x slower to write) instead of np.savez.
+    """
+
+    windows: tuple[Window, ...] = SEED002_WINDOWS
+    image_size: int | None = 256
+    crop: bool = False
+    compress: bool = False
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "version": CACHE_VERSION}
+
+    @property
+    def key(self) -> str:
+        text = json.dumps(self.to_json(), sort_keys=True)
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def cache_dir(work_dir: str | os.PathLike, spec: CacheSpec) -> Path:
+    """`work_dir/cache/<spec.key>/`, created with its spec.json."""
+    folder = Path(work_dir) / "cache" / spec.key
+    folder.mkdir(parents=True, exist_ok=True)
+    spec_path = folder / "spec.json"
+    if not spec_path.exists():
+        _atomic_write_bytes(spec_path, json.dumps(spec.to_json(), indent=1).encode())
+    return folder
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def preprocess_study(study: Study, spec: CacheSpec, segmentation: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Window, crop and resize a loaded study into the arrays of one cache entry.
+
+    Returns:
+        images uint8 [Z, S, S, C]; z, slice_numbers [Z]; spacing (dz, dy, dx) of the cached pixels;
+        original_shape (Z, H, W); crop_box (y0, y1, x0, x1) in original pixels (always the Otsu box);
+        mask uint8 [Z, S, S] when a segmentation is given; meta (JSON text).
+    """
+    z_n, h, w = study.hu.shape
+    box = otsu_crop_box(study.hu)
+    y0, y1, x0, x1 = box if spec.crop else (0, h, 0, w)
+    side = spec.image_size
+    out_h, out_w = (side, side) if side else (y1 - y0, x1 - x0)
+    lut = packed_lut(spec.windows)
+    c = len(spec.windows)
+    images = np.empty((z_n, out_h, out_w, c), dtype=np.uint8)
+    for k in range(z_n):  # slice by slice: small temporaries, bounded memory
+        packed = np.take(lut, study.hu[k, y0:y1, x0:x1].astype(np.int32) + 32768).view(np.uint8)
+        packed = packed.reshape(y1 - y0, x1 - x0, 4)
+        if (out_h, out_w) != packed.shape[:2]:
+            packed = cv2.resize(packed, (out_w, out_h), interpolation=cv2.INTER_AREA)
+        images[k] = packed[..., :c]
+    dz, dy, dx = study.spacing
+    arrays = {
+        "images": images, "z": study.z, "slice_numbers": study.slice_numbers,
+        "spacing": np.array([dz, dy * (y1 - y0) / out_h, dx * (x1 - x0) / out_w]),
+        "original_shape": np.array(study.hu.shape), "crop_box": np.array(box), "xy": study.xy,
+    }
+    if segmentation is not None:
+        mask = segmentation[:, y0:y1, x0:x1]
+        arrays["mask"] = resize_slices(mask, out_h, nearest=True) if side else mask
+    meta = {"uid": study.uid, "transfer_syntax": study.transfer_syntax, "n_files": study.n_files,
+            "duplicates_dropped": study.duplicates_dropped, "reversed": study.reversed, "decoder": study.decoder,
+            "n_slices": z_n, "rows": h, "cols": w, "has_mask": segmentation is not None}
+    arrays["meta"] = np.array(json.dumps(meta))
+    return arrays
+
+
+def write_entry(path: Path, arrays: dict[str, np.ndarray], compress: bool = False) -> None:
+    """Write an npz atomically: a temp file in the same folder, fsync, then os.replace."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            (np.savez_compressed if compress else np.savez)(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def is_complete(path: Path) -> bool:
+    """Cheap check that an entry was fully written: its zip directory reads and every key is there."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = {n.removesuffix(".npy") for n in z.namelist()}
+        return all(k in names for k in REQUIRED_KEYS)
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def read_entry(path: Path) -> dict[str, np.ndarray]:
+    """Load every array of an entry (CRC-checked); CacheEntryCorrupt if it cannot be read."""
+    try:
+        with zipfile.ZipFile(path) as z:  # np.load does not check CRCs: a flipped byte would be served
+            bad = z.testzip()
+        if bad is not None:
+            raise CacheEntryCorrupt(f"{path}: member {bad} fails its CRC check")
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except CacheEntryCorrupt:
+        raise
+    except Exception as e:
+        raise CacheEntryCorrupt(f"{path}: {type(e).__name__}: {e}") from e
+    missing = [k for k in REQUIRED_KEYS if k not in arrays]
+    if missing or len(arrays["images"]) != len(arrays["z"]):
+        raise CacheEntryCorrupt(f"{path}: missing {missing} or images/z length mismatch")
+    return arrays
+
+
+def entry_meta(path: Path) -> dict:
+    """The small JSON metadata of an entry, without reading its images."""
+    with np.load(path, allow_pickle=False) as npz:
+        return json.loads(str(npz["meta"]))
+
+
+def build_entry(study_dir: Path, spec: CacheSpec, folder: Path, segmentation_path: Path | None = None,
+                force: bool = False) -> dict:
+    """Build (or skip, when complete) the entry of one study; returns a summary row, never raises."""
+    uid = study_dir.name
+    path = folder / f"{uid}.npz"
+    start = time.perf_counter()
+    row = {"StudyInstanceUID": uid, "path": str(path)}
+    if not force and path.exists() and is_complete(path):
+        try:
+            return {**row, **entry_meta(path), "status": "cached", "seconds": time.perf_counter() - start}
+        except Exception:  # unreadable metadata: rebuild below
+            pass
+    if path.exists():
+        path.unlink()
+    try:
+        study = load_study(study_dir)
+        seg = None
+        if segmentation_path is not None and segmentation_path.exists():
+            seg = load_segmentation(segmentation_path, study)
+        arrays = preprocess_study(study, spec, seg)
+        write_entry(path, arrays, spec.compress)
+        meta = json.loads(str(arrays["meta"]))
+        return {**row, **meta, "status": "built", "warnings": "; ".join(study.warnings),
+                "seconds": time.perf_counter() - start}
+    except Exception as e:
+        log.warning("%s: %s", uid, e)
+        return {**row, "status": "failed", "error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - start}
+
+
+def load_cached(work_dir: str | os.PathLike, spec: CacheSpec, study_dir: str | os.PathLike,
+                segmentation_path: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
+    """The cache entry of one study, built first if missing; a corrupt entry is deleted and rebuilt once."""
+    folder = cache_dir(work_dir, spec)
+    study_dir = Path(study_dir)
+    path = folder / f"{study_dir.name}.npz"
+    seg = Path(segmentation_path) if segmentation_path else None
+    for attempt in range(2):
+        if not path.exists():
+            row = build_entry(study_dir, spec, folder, seg)
+            if row["status"] == "failed":
+                raise RuntimeError(f"{study_dir}: {row['error']}")
+        try:
+            return read_entry(path)
+        except CacheEntryCorrupt as e:
+            log.warning("%s; rebuilding", e)
+            path.unlink(missing_ok=True)
+            if attempt == 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    """'k/n' (k from 1 to n) -> (k, n); None -> (1, 1)."""
+    if not shard:
+        return 1, 1
+    try:
+        k, n = (int(v) for v in shard.split("/"))
+    except ValueError as e:
+        raise ValueError(f"shard must look like 'k/n', e.g. '1/4', got {shard!r}") from e
+    if not 1 <= k <= n:
+        raise ValueError(f"shard {shard!r}: k must be between 1 and n")
+    return k, n
+
+
+def _worker_init() -> None:
+    """Large malloc thresholds: the per-slice temporaries otherwise page-fault (see ../shared/MEASURED.md)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 256 * 1024 * 1024)  # M_TRIM_THRESHOLD
+    except OSError:
+        pass
+
+
+def build_cache(data_dir: str | os.PathLike, work_dir: str | os.PathLike, split: str = "train",
+                spec: CacheSpec = CacheSpec(), workers: int = 2, shard: str | None = None,
+                uids: list[str] | None = None, progress: bool = True) -> pd.DataFrame:
+    """Preprocess every study of `data_dir/<split>_images` (or `uids`) into the cache.
+
+    Returns:
+        One row per study: StudyInstanceUID, status (built, cached or failed), error, n_files, n_slices,
+        duplicates_dropped, transfer_syntax, reversed, decoder, has_mask, seconds, path.
+    """
+    images_dir = Path(data_dir) / f"{split}_images"
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"{images_dir} not found: is DATA_DIR the competition folder?")
+    all_uids = sorted(p.name for p in images_dir.iterdir() if p.is_dir())
+    if uids is not None:
+        all_uids = [u for u in all_uids if u in set(uids)]
+    k, n = parse_shard(shard)
+    todo = [u for i, u in enumerate(all_uids) if i % n == k - 1]
+    folder = cache_dir(work_dir, spec)
+    seg_dir = Path(data_dir) / "segmentations"
+    jobs = [(images_dir / u, spec, folder, seg_dir / f"{u}.nii") for u in todo]
+    bar = dict(total=len(jobs), desc=f"cache {split}", disable=not progress, unit="study")
+    if workers > 1 and len(jobs) > 1:
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
+            rows = list(tqdm(pool.map(_build_job, jobs), **bar))
+    else:
+        rows = [_build_job(j) for j in tqdm(jobs, **bar)]
+    return pd.DataFrame(rows)
+
+
+def _build_job(job: tuple) -> dict:
+    return build_entry(*job)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Build the preprocessing cache of one split.")
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--work-dir", required=True)
+    ap.add_argument("--split", default="train", choices=["train", "test"])
+    ap.add_argument("--image-size", type=int, default=256, help="0 keeps the native size")
+    ap.add_argument("--crop", action="store_true", help="crop to the Otsu box before resizing")
+    ap.add_argument("--compress", action="store_true")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--shard", default=None, help="k/n: process every n-th study starting at the k-th")
+    args = ap.parse_args(argv)
+    spec = CacheSpec(image_size=args.image_size or None, crop=args.crop, compress=args.compress)
+    summary = build_cache(args.data_dir, args.work_dir, args.split, spec, args.workers, args.shard)
+    print(summary.status.value_counts().to_string())
+    print(f"cache: {cache_dir(args.work_dir, spec)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Figures a competitor would rather look at than read: windows, sagittal reformats, masks, boxes."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.patches import Rectangle
+
+from kernel_utils.windowing import SEED002_WINDOWS, Window, window
+
+LABEL_CMAP = plt.get_cmap("tab20", 20)
+
+
+def _overlay(ax, mask: np.ndarray, aspect: float = 1.0) -> None:
+    shown = np.ma.masked_equal(mask.astype(int), 0)
+    ax.imshow(shown, cmap=LABEL_CMAP, vmin=0, vmax=19, alpha=0.45, aspect=aspect, interpolation="nearest")
+
+
+def plot_windows(images: np.ndarray, slice_indices: list[int], window_names: list[str] | None = None,
+                 title: str = ""):
+    """Grid of cached slices: a row per slice index, a column per window channel. images uint8 [Z, H, W, C]."""
+    c = images.shape[-1]
+    names = window_names or [f"channel {i}" for i in range(c)]
+    fig, axes = plt.subplots(len(slice_indices), c, figsize=(3 * c, 3 * len(slice_indices)), squeeze=False)
+    for r, k in enumerate(slice_indices):
+        for ch in range(c):
+            ax = axes[r, ch]
+            ax.imshow(images[k, ..., ch], cmap="gray", vmin=0, vmax=255)
+            ax.set_title(f"slice {k}: {names[ch]}", fontsize=9)
+            ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_sagittal(volume: np.ndarray, spacing: tuple[float, float, float], mask: np.ndarray | None = None,
+                  column: int | None = None, title: str = "", win: Window = SEED002_WINDOWS[1]):
+    """Sagittal reformat (head up, anterior left) of HU int16 or one uint8 channel [Z, H, W], mask over it.
+
+    The column defaults to the centre of the cervical labels in `mask`, else the middle of the image.
+    """
+    if column is None:
+        cols = np.nonzero((mask >= 1) & (mask <= 7))[2] if mask is not None else []
+        column = int(np.median(cols)) if len(cols) else volume.shape[2] // 2
+    plane = volume[:, :, column]
+    img = window(plane, win.level, win.width) if volume.dtype != np.uint8 else plane
+    aspect = spacing[0] / spacing[1]
+    panels = 2 if mask is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 5), squeeze=False)
+    for i in range(panels):
+        axes[0, i].imshow(img, cmap="gray", aspect=aspect)
+        axes[0, i].axis("off")
+    axes[0, 0].set_title(f"sagittal, column {column}", fontsize=9)
+    if mask is not None:
+        _overlay(axes[0, 1], mask[:, :, column], aspect)
+        axes[0, 1].set_title("segmentation over it", fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_study_preview(hu: np.ndarray, spacing: tuple[float, float, float], labels: np.ndarray | None = None,
+                       boxes: dict[int, list[tuple[float, float, float, float]]] | None = None, title: str = ""):
+    """Axial slices in the bone and soft-tissue windows with fracture boxes, and a sagittal reformat with labels.
+
+    Args:
+        hu: int16 [Z, H, W] head first.
+        spacing: (dz, dy, dx) mm.
+        labels: optional uint8 [Z, H, W] vertebra labels.
+        boxes: optional {slice index: [(x, y, width, height), ...]} in pixels.
+    """
+    boxes = boxes or {}
+    z_n = hu.shape[0]
+    picks = sorted(boxes)[len(boxes) // 2: len(boxes) // 2 + 1] if boxes else []
+    if labels is not None:
+        for lab in (1, 2, 5):
+            ks = np.flatnonzero((labels == lab).any(axis=(1, 2)))
+            if len(ks):
+                picks.append(int(ks[len(ks) // 2]))
+    picks = (picks + [z_n // 4, z_n // 2, 3 * z_n // 4])[:3]
+    fig, axes = plt.subplots(2, 4, figsize=(16, 8))
+    bone, soft = SEED002_WINDOWS[1], SEED002_WINDOWS[0]
+    for i, k in enumerate(picks):
+        for row, win in enumerate((bone, soft)):
+            ax = axes[row, i]
+            ax.imshow(window(hu[k], win.level, win.width), cmap="gray")
+            for x, y, w, h in boxes.get(k, []):
+                ax.add_patch(Rectangle((x, y), w, h, fill=False, color="red", lw=1.2))
+            ax.set_title(f"slice {k}, {win.name}" + (" (fracture box)" if k in boxes else ""), fontsize=9)
+            ax.axis("off")
+    column = None
+    if labels is not None:
+        cols = np.nonzero((labels >= 1) & (labels <= 7))[2]
+        column = int(np.median(cols)) if len(cols) else None
+    column = hu.shape[2] // 2 if column is None else column
+    aspect = spacing[0] / spacing[1]
+    for row, win in enumerate((bone, soft)):
+        ax = axes[row, 3]
+        ax.imshow(window(hu[:, :, column], win.level, win.width), cmap="gray", aspect=aspect)
+        if labels is not None and row == 0:
+            _overlay(ax, labels[:, :, column], aspect)
+        ax.set_title(f"sagittal column {column}" + (" + labels" if labels is not None and row == 0 else ""),
+                     fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

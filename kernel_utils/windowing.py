@@ -1,0 +1,103 @@
+"""CT windows on HU with fixed bounds (never per-slice min/max), the Otsu body crop, and resizing.
+
+Default channels are seed 002's three windows: soft tissue W300/L80, standard bone W1800/L500,
+gross bone W650/L400.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Window:
+    """A CT window: HU in [level - width/2, level + width/2] maps linearly onto 0..255."""
+
+    name: str
+    level: float
+    width: float
+
+
+SEED002_WINDOWS = (Window("soft_tissue", 80, 300), Window("standard_bone", 500, 1800), Window("gross_bone", 400, 650))
+
+
+def window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
+    """HU array (any shape) -> uint8 of the same shape: clip((hu - low) / width, 0, 1) * 255, rounded."""
+    low = level - width / 2.0
+    scaled = (hu.astype(np.float32) - low) * (255.0 / width)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def packed_lut(windows: tuple[Window, ...]) -> np.ndarray:
+    """A 65536-entry uint32 table: int16 HU + 32768 -> up to four uint8 windows packed little-endian.
+
+    One `np.take` then gives every channel at once; bit-exact with `window` for each channel.
+    """
+    if not 1 <= len(windows) <= 4:
+        raise ValueError(f"1 to 4 windows can be packed, got {len(windows)}")
+    hu = np.arange(-32768, 32768, dtype=np.int32)
+    lut = np.zeros(hu.shape, dtype=np.uint32)
+    for c, w in enumerate(windows):
+        lut |= window(hu, w.level, w.width).astype(np.uint32) << np.uint32(8 * c)
+    return lut
+
+
+def apply_windows(hu: np.ndarray, lut: np.ndarray, n_channels: int) -> np.ndarray:
+    """int16 HU [..., H, W] -> uint8 [..., H, W, n_channels] through a `packed_lut`."""
+    packed = np.take(lut, hu.astype(np.int32) + 32768) if hu.dtype != np.uint16 else np.take(lut, hu)
+    return packed.view(np.uint8).reshape(*hu.shape, 4)[..., :n_channels]
+
+
+def window_slices(hu: np.ndarray, windows: tuple[Window, ...] = SEED002_WINDOWS) -> np.ndarray:
+    """int16 HU [Z, H, W] -> uint8 [Z, H, W, C], one channel per window."""
+    return apply_windows(hu, packed_lut(windows), len(windows))
+
+
+def otsu_crop_box(hu: np.ndarray, margin: float = 0.05, square: bool = True) -> tuple[int, int, int, int]:
+    """Seed 002's crop: Otsu on the gross-bone window, 5% margin each side, one box for the whole study.
+
+    The study's mean projection of the gross-bone window is thresholded, so bone present on most slices
+    (the cervical spine) decides the box, not the skull base or clavicles seen on a few.
+
+    Args:
+        hu: int16 [Z, H, W] (or [H, W]).
+        margin: fraction of the box size added on each side.
+        square: grow the shorter side so the box is square (then resizing keeps the aspect ratio).
+
+    Returns:
+        (y0, y1, x0, x1) pixel bounds, end exclusive, inside the image. The whole image when nothing is found.
+    """
+    bone = window(hu, 400, 650)
+    if bone.ndim == 3:
+        bone = np.rint(bone.mean(axis=0, dtype=np.float32)).astype(np.uint8)
+    h, w = bone.shape
+    if bone.max() == bone.min():
+        return 0, h, 0, w
+    _, fg = cv2.threshold(bone, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    ys, xs = np.nonzero(fg)
+    if len(ys) == 0:
+        return 0, h, 0, w
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    my, mx = margin * (y1 - y0), margin * (x1 - x0)
+    y0, y1, x0, x1 = y0 - my, y1 + my, x0 - mx, x1 + mx
+    if square:
+        side = max(y1 - y0, x1 - x0)
+        cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
+        y0, y1, x0, x1 = cy - side / 2, cy + side / 2, cx - side / 2, cx + side / 2
+    y0, x0 = max(int(np.floor(y0)), 0), max(int(np.floor(x0)), 0)
+    y1, x1 = min(int(np.ceil(y1)), h), min(int(np.ceil(x1)), w)
+    return y0, y1, x0, x1
+
+
+def resize_slices(images: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
+    """[Z, H, W] or [Z, H, W, C] -> [Z, size, size(, C)]; area interpolation (nearest for label masks)."""
+    if images.shape[1:3] == (size, size):
+        return images
+    interp = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA
+    out = np.empty((images.shape[0], size, size, *images.shape[3:]), dtype=images.dtype)
+    for k in range(images.shape[0]):
+        out[k] = cv2.resize(images[k], (size, size), interpolation=interp).reshape(out.shape[1:])
+    return out

@@ -1,0 +1,101 @@
+"""The npz cache: keys, contents, atomic writes, corrupt entries rebuilt, reruns skipped, shards."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kernel_utils import cache as cache_mod
+from kernel_utils import load_study
+from kernel_utils.cache import CacheSpec, build_cache, cache_dir, load_cached, read_entry
+from kernel_utils.windowing import SEED002_WINDOWS, Window, window
+
+SPEC = CacheSpec(image_size=32)
+
+
+def test_key_changes_with_every_parameter():
+    base = CacheSpec()
+    variants = [dataclasses.replace(base, image_size=128), dataclasses.replace(base, crop=True),
+                dataclasses.replace(base, compress=True),
+                dataclasses.replace(base, windows=SEED002_WINDOWS[:2]),
+                dataclasses.replace(base, windows=(Window("soft_tissue", 81, 300), *SEED002_WINDOWS[1:]))]
+    keys = {base.key, *(v.key for v in variants)}
+    assert len(keys) == 1 + len(variants)
+    assert CacheSpec().key == base.key
+
+
+def test_key_changes_with_the_version(monkeypatch):
+    before = CacheSpec().key
+    monkeypatch.setattr(cache_mod, "CACHE_VERSION", cache_mod.CACHE_VERSION + 1)
+    assert CacheSpec().key != before
+
+
+def test_entry_holds_windows_of_the_hu_and_the_aligned_mask(smoke_dir, tmp_path):
+    truth = pd.read_csv(smoke_dir / "_truth" / "studies.csv")
+    row = truth[truth.segmented].iloc[0]
+    study_dir = smoke_dir / "train_images" / row.uid
+    native = CacheSpec(image_size=None)
+    entry = load_cached(tmp_path, native, study_dir, smoke_dir / "segmentations" / f"{row.uid}.nii")
+    study = load_study(study_dir)
+    for c, w in enumerate(SEED002_WINDOWS):
+        assert np.array_equal(entry["images"][..., c], window(study.hu, w.level, w.width))
+    assert np.array_equal(entry["mask"], np.load(smoke_dir / "_truth" / f"{row.uid}.npz")["labels"])
+    assert np.array_equal(entry["slice_numbers"], study.slice_numbers)
+    small = load_cached(tmp_path, SPEC, study_dir)
+    assert small["images"].shape == (len(study.z), 32, 32, 3) and small["images"].dtype == np.uint8
+    assert small["spacing"][1] == pytest.approx(study.spacing[1] * study.hu.shape[1] / 32)
+    (cache_dir(tmp_path, native) / "spec.json").read_text().index('"image_size": null')
+
+
+def test_rerun_skips_and_shards_partition(smoke_dir, tmp_path):
+    first = build_cache(smoke_dir, tmp_path, "train", SPEC, workers=2, shard="1/2", progress=False)
+    second = build_cache(smoke_dir, tmp_path, "train", SPEC, workers=1, shard="2/2", progress=False)
+    assert set(first.status) == {"built"} and set(second.status) == {"built"}
+    assert not set(first.StudyInstanceUID) & set(second.StudyInstanceUID)
+    again = build_cache(smoke_dir, tmp_path, "train", SPEC, workers=1, progress=False)
+    assert len(again) == len(first) + len(second) and set(again.status) == {"cached"}
+    assert again.n_slices.sum() == first.n_slices.sum() + second.n_slices.sum()
+
+
+def test_killed_write_leaves_nothing_served(smoke_dir, tmp_path, monkeypatch):
+    uid = sorted(p.name for p in (smoke_dir / "train_images").iterdir())[0]
+
+    def dying_savez(f, **arrays):
+        f.write(b"PK\x03\x04 half of a zip")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", dying_savez)
+    with pytest.raises(KeyboardInterrupt):
+        cache_mod.write_entry(cache_dir(tmp_path, SPEC) / f"{uid}.npz", {"images": np.zeros(3)})
+    assert list(cache_dir(tmp_path, SPEC).glob("*.npz")) == []
+    assert list(cache_dir(tmp_path, SPEC).glob(".*tmp")) == []
+    monkeypatch.undo()
+    (cache_dir(tmp_path, SPEC) / f"{uid}.npz").write_bytes(b"PK\x03\x04 truncated by a crash elsewhere")
+    summary = build_cache(smoke_dir, tmp_path, "train", SPEC, workers=1, uids=[uid], progress=False)
+    assert list(summary.status) == ["built"]
+    assert read_entry(cache_dir(tmp_path, SPEC) / f"{uid}.npz")["images"].shape[1:] == (32, 32, 3)
+
+
+def test_corrupt_entry_is_rebuilt(smoke_dir, tmp_path):
+    uid = sorted(p.name for p in (smoke_dir / "train_images").iterdir())[1]
+    study_dir = smoke_dir / "train_images" / uid
+    good = load_cached(tmp_path, SPEC, study_dir)
+    path = cache_dir(tmp_path, SPEC) / f"{uid}.npz"
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle: middle + 64] = bytes(b ^ 0xFF for b in data[middle: middle + 64])  # flipped bits in images
+    path.write_bytes(bytes(data))
+    with pytest.raises(cache_mod.CacheEntryCorrupt):
+        read_entry(path)
+    again = load_cached(tmp_path, SPEC, study_dir)
+    assert np.array_equal(again["images"], good["images"])
+
+
+def test_bad_shard_is_a_clear_error():
+    with pytest.raises(ValueError, match="k/n"):
+        cache_mod.parse_shard("2")
+    with pytest.raises(ValueError, match="between 1 and n"):
+        cache_mod.parse_shard("3/2")
