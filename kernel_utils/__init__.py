@@ -4,10 +4,13 @@ The names below are the kit's public verbs; everything else lives in modules of 
 """
 
 from kernel_utils.dicom_io import DicomReadError, Study, load_study
+from kernel_utils.metric import classification_table, competition_loss, long_to_wide, wide_to_long
 from kernel_utils.nifti_align import SegmentationMismatch, load_segmentation
+from kernel_utils.submission import SubmissionError, validate_submission, write_submission
 from kernel_utils.windowing import SEED002_WINDOWS, Window, window, window_slices
 
 __all__ = [
-    "DicomReadError", "SEED002_WINDOWS", "SegmentationMismatch", "Study", "Window", "load_segmentation",
-    "load_study", "window", "window_slices",
+    "DicomReadError", "SEED002_WINDOWS", "SegmentationMismatch", "Study", "SubmissionError", "Window",
+    "classification_table", "competition_loss", "load_segmentation", "load_study", "long_to_wide",
+    "validate_submission", "wide_to_long", "window", "window_slices", "write_submission",
 ]
