@@ -23,14 +23,13 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from kernel_utils.dicom_io import Study, load_study
 from kernel_utils.nifti_align import load_segmentation
-from kernel_utils.windowing import SEED002_WINDOWS, Window, otsu_crop_box, packed_lut, resize_slices
+from kernel_utils.windowing import SEED002_WINDOWS, SliceWindower, Window, otsu_crop_box, resize_slices
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +96,10 @@ def preprocess_study(study: Study, spec: CacheSpec, segmentation: np.ndarray | N
     y0, y1, x0, x1 = box if spec.crop else (0, h, 0, w)
     side = spec.image_size
     out_h, out_w = (side, side) if side else (y1 - y0, x1 - x0)
-    lut = packed_lut(spec.windows)
-    c = len(spec.windows)
-    images = np.empty((z_n, out_h, out_w, c), dtype=np.uint8)
+    windower = SliceWindower(spec.windows)
+    images = np.empty((z_n, out_h, out_w, windower.n_channels), dtype=np.uint8)
     for k in range(z_n):  # slice by slice: small temporaries, bounded memory
-        packed = np.take(lut, study.hu[k, y0:y1, x0:x1].astype(np.int32) + 32768).view(np.uint8)
-        packed = packed.reshape(y1 - y0, x1 - x0, 4)
-        if (out_h, out_w) != packed.shape[:2]:
-            packed = cv2.resize(packed, (out_w, out_h), interpolation=cv2.INTER_AREA)
-        images[k] = packed[..., :c]
+        windower(study.hu[k, y0:y1, x0:x1], out_h, out_w, out=images[k])
     dz, dy, dx = study.spacing
     arrays = {
         "images": images, "z": study.z, "slice_numbers": study.slice_numbers,
@@ -123,13 +117,15 @@ def preprocess_study(study: Study, spec: CacheSpec, segmentation: np.ndarray | N
 
 
 def write_entry(path: Path, arrays: dict[str, np.ndarray], compress: bool = False) -> None:
-    """Write an npz atomically: a temp file in the same folder, fsync, then os.replace."""
+    """Write an npz atomically: a temp file in the same folder, then os.replace.
+
+    A killed process leaves at most a temp file, never a half entry. No fsync: it doubled the cost of a
+    study and guards only against power loss, which a rebuild of the entry also repairs.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             (np.savez_compressed if compress else np.savez)(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -1,8 +1,10 @@
 """Read one competition study: DICOM files -> HU int16 [Z, H, W], head first, duplicates dropped.
 
-Files are sorted by ImagePositionPatient (never by file name). Uncompressed pixels are read straight into the
-output volume; JPEG Lossless frames go to the fastest decoder available (imagecodecs), with pydicom's own
-decoders (gdcm, then pylibjpeg) as the fallback, so a missing optional decoder never stops a kernel.
+Files are sorted by ImagePositionPatient (never by file name). dicomsdl reads headers and pixels (every
+transfer syntax of the competition) about 4x faster than pydicom, straight into the output volume. Without
+it, or for a file it cannot read, pydicom parses the header, native pixels are read straight into the volume
+and JPEG Lossless frames go to imagecodecs, then to pydicom's own decoders (gdcm, pylibjpeg): a missing
+optional decoder never stops a kernel.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pydicom.encaps import generate_frames
 
 log = logging.getLogger(__name__)
 
-DECODERS = ("auto", "imagecodecs", "pydicom")
+DECODERS = ("auto", "dicomsdl", "imagecodecs", "pydicom")
 Z_DUPLICATE_TOLERANCE_MM = 1e-3
 
 
@@ -135,10 +137,91 @@ def _to_hu(raw: np.ndarray, signed: bool, bits: int, slope: float, intercept: fl
         else:
             v = v & ((1 << bits) - 1)
     if slope == 1.0 and float(intercept).is_integer():
+        lo, hi = int(v.min()), int(v.max())
+        if -32768 <= lo + intercept and hi + intercept <= 32767 and (signed or bits < 16 or hi < 32768):
+            return np.add(v.view(np.int16), np.int16(intercept), dtype=np.int16)  # exact: no overflow possible
         hu = v.astype(np.int32) + int(intercept)
     else:
         hu = np.rint(v.astype(np.float32) * slope + intercept)
     return np.clip(hu, -32768, 32767).astype(np.int16)
+
+
+class _Slots:
+    """The output volume, allocated once the first file tells its size; every later file must match."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.buf: np.ndarray | None = None
+        self.pixel_spacing = (1.0, 1.0)
+        self.thickness = 1.0
+        self.first = ""
+
+    def raw(self, k: int, signed: bool) -> np.ndarray:
+        return self.buf[k] if signed else self.buf[k].view(np.uint16)
+
+    def get(self, k: int, rows: int, cols: int, signed: bool, path: Path, spacing, thickness) -> np.ndarray:
+        if self.buf is None:
+            self.buf = np.empty((self.n, rows, cols), dtype=np.int16)
+            self.pixel_spacing = tuple(float(v) for v in spacing) if spacing else (1.0, 1.0)
+            self.thickness = float(thickness or 1.0)
+            self.first = path.name
+        elif (rows, cols) != self.buf.shape[1:]:
+            raise DicomReadError(f"{path}: {rows}x{cols} pixels, the study's file {self.first} has "
+                                 f"{self.buf.shape[1]}x{self.buf.shape[2]}")
+        return self.raw(k, signed)
+
+
+def _dicomsdl():
+    try:
+        import dicomsdl
+
+        return dicomsdl
+    except ImportError:  # optional: pydicom reads everything, only slower
+        return None
+
+
+def _read_dicomsdl(sdl, path: Path, slots: _Slots, k: int) -> tuple:
+    """Header and pixels of one file with dicomsdl (about 4x pydicom's speed), pixels straight into the volume."""
+    d = sdl.open(str(path))
+    info = d.getPixelDataInfo()
+    if info["BitsAllocated"] != 16 or info["SamplesPerPixel"] != 1:
+        raise DicomReadError(f"{path}: only 16-bit single-sample CT is supported "
+                             f"(BitsAllocated {info['BitsAllocated']}, SamplesPerPixel {info['SamplesPerPixel']})")
+    signed = bool(info["PixelRepresentation"])
+    slot = slots.get(k, int(info["Rows"]), int(info["Cols"]), signed, path, d.PixelSpacing, d.SliceThickness)
+    d.copyFrameData(0, slot)
+    slope = info["RescaleSlope"]
+    intercept = info["RescaleIntercept"]
+    return (d.ImagePositionPatient, str(d.StudyInstanceUID), str(d.TransferSyntaxUID), "dicomsdl", signed,
+            int(info["BitsStored"]), 1.0 if slope is None else float(slope),
+            0.0 if intercept is None else float(intercept))
+
+
+def _read_pydicom(path: Path, slots: _Slots, k: int, decoder: str) -> tuple:
+    """Header with pydicom; native pixels read straight into the volume, compressed ones decoded."""
+    with open(path, "rb") as f:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        syntax = ds.file_meta.TransferSyntaxUID
+        signed = int(ds.PixelRepresentation) == 1
+        if int(ds.BitsAllocated) != 16 or int(getattr(ds, "SamplesPerPixel", 1)) != 1:
+            raise DicomReadError(f"{path}: only 16-bit single-sample CT is supported "
+                                 f"(BitsAllocated {ds.BitsAllocated}, SamplesPerPixel {ds.SamplesPerPixel})")
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        slot = slots.get(k, rows, cols, signed, path, ds.get("PixelSpacing"), ds.get("SliceThickness"))
+        if syntax.is_compressed:
+            pixels, used = _decode_compressed(f, path, decoder)
+            if pixels.shape != (rows, cols):
+                raise DicomReadError(f"{path}: decoded {pixels.shape}, header says {(rows, cols)}")
+            slot[...] = pixels.astype(slot.dtype, copy=False)
+        else:
+            if not syntax.is_little_endian:
+                raise DicomReadError(f"{path}: big-endian pixel data is not supported")
+            _read_uncompressed(f, ds, slot, path)
+            used = "native"
+        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+        intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+        return ([float(v) for v in ds.ImagePositionPatient], str(ds.StudyInstanceUID), str(syntax), used, signed,
+                int(ds.BitsStored), slope, intercept)
 
 
 def load_study(study_dir: str | os.PathLike, decoder: str = "auto") -> Study:
@@ -146,7 +229,8 @@ def load_study(study_dir: str | os.PathLike, decoder: str = "auto") -> Study:
 
     Args:
         study_dir: `.../train_images/<StudyInstanceUID>` (files `<slice_number>.dcm`).
-        decoder: "auto" (imagecodecs for JPEG Lossless, pydicom as fallback), "imagecodecs" or "pydicom".
+        decoder: "auto" (dicomsdl when installed, else pydicom; any file dicomsdl cannot read goes to pydicom),
+            "dicomsdl", "imagecodecs" (pydicom headers, imagecodecs for JPEG Lossless) or "pydicom".
 
     Returns:
         The Study, hu int16 [Z, H, W] ordered by decreasing patient z, duplicate z positions dropped.
@@ -157,47 +241,38 @@ def load_study(study_dir: str | os.PathLike, decoder: str = "auto") -> Study:
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     files = list_slices(study_dir)
-    buf: np.ndarray | None = None
+    slots = _Slots(len(files))
     pos = np.empty((len(files), 3))
     uids, syntaxes, decoders = set(), set(), set()
+    sdl = _dicomsdl() if decoder in ("auto", "dicomsdl") else None
+    if decoder == "dicomsdl" and sdl is None:
+        raise DicomReadError("decoder='dicomsdl' asked for, but dicomsdl is not installed")
     for k, path in enumerate(files):
-        try:
-            with open(path, "rb") as f:
-                ds = pydicom.dcmread(f, stop_before_pixels=True)
-                rows, cols = int(ds.Rows), int(ds.Columns)
-                if buf is None:
-                    buf = np.empty((len(files), rows, cols), dtype=np.int16)
-                elif (rows, cols) != buf.shape[1:]:
-                    raise DicomReadError(f"{path}: {rows}x{cols} pixels, the study's first file has "
-                                         f"{buf.shape[1]}x{buf.shape[2]}")
-                syntax = ds.file_meta.TransferSyntaxUID
-                signed = int(ds.PixelRepresentation) == 1
-                bits = int(ds.BitsStored)
-                if int(ds.BitsAllocated) != 16 or int(getattr(ds, "SamplesPerPixel", 1)) != 1:
-                    raise DicomReadError(f"{path}: only 16-bit single-sample CT is supported "
-                                         f"(BitsAllocated {ds.BitsAllocated}, SamplesPerPixel {ds.SamplesPerPixel})")
-                if syntax.is_compressed:
-                    pixels, used = _decode_compressed(f, path, decoder)
-                    if pixels.shape != (rows, cols):
-                        raise DicomReadError(f"{path}: decoded {pixels.shape}, header says {(rows, cols)}")
-                    raw = pixels.astype(np.int16 if signed else np.uint16, copy=False)
-                else:
-                    if not syntax.is_little_endian:
-                        raise DicomReadError(f"{path}: big-endian pixel data is not supported")
-                    raw = buf[k] if signed else buf[k].view(np.uint16)
-                    _read_uncompressed(f, ds, raw, path)
-                    used = "native"
-                slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-                intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-                buf[k] = _to_hu(raw, signed, bits, slope, intercept)
-                pos[k] = [float(v) for v in ds.ImagePositionPatient]
-                uids.add(str(ds.StudyInstanceUID))
-                syntaxes.add(str(syntax))
-                decoders.add(used)
-        except DicomReadError:
-            raise
-        except Exception as e:
-            raise DicomReadError(f"{path}: {type(e).__name__}: {e}") from e
+        header = None
+        if sdl is not None:
+            try:
+                header = _read_dicomsdl(sdl, path, slots, k)
+            except DicomReadError:
+                raise
+            except Exception as e:  # dicomsdl cannot read it: pydicom can, or says why not
+                if decoder == "dicomsdl":
+                    raise DicomReadError(f"{path}: dicomsdl: {type(e).__name__}: {e}") from e
+                log.debug("%s: dicomsdl failed (%s); using pydicom", path, e)
+        if header is None:
+            try:
+                header = _read_pydicom(path, slots, k, decoder)
+            except DicomReadError:
+                raise
+            except Exception as e:
+                raise DicomReadError(f"{path}: {type(e).__name__}: {e}") from e
+        position, uid, syntax, used, signed, bits, slope, intercept = header
+        slots.buf[k] = _to_hu(slots.raw(k, signed), signed, bits, slope, intercept)
+        pos[k] = position
+        uids.add(uid)
+        syntaxes.add(syntax)
+        decoders.add(used)
+    buf = slots.buf
+    ds_spacing, ds_thickness = slots.pixel_spacing, slots.thickness
     assert buf is not None
     numbers = np.array([_slice_number(p) for p in files])
     order = np.lexsort((numbers, -pos[:, 2]))  # head first; equal z: lowest slice number first
@@ -218,8 +293,8 @@ def load_study(study_dir: str | os.PathLike, decoder: str = "auto") -> Study:
     for w in warnings:
         log.warning(w)
     z = pos[order, 2]
-    dz = float(np.median(-np.diff(z))) if len(z) > 1 else float(getattr(ds, "SliceThickness", 1.0) or 1.0)
-    dy, dx = (float(v) for v in ds.PixelSpacing)
+    dz = float(np.median(-np.diff(z))) if len(z) > 1 else ds_thickness
+    dy, dx = ds_spacing
     if np.array_equal(order, np.arange(len(files))):
         hu = buf
     elif np.array_equal(order, np.arange(len(files))[::-1]):

@@ -47,8 +47,35 @@ def packed_lut(windows: tuple[Window, ...]) -> np.ndarray:
 
 def apply_windows(hu: np.ndarray, lut: np.ndarray, n_channels: int) -> np.ndarray:
     """int16 HU [..., H, W] -> uint8 [..., H, W, n_channels] through a `packed_lut`."""
-    packed = np.take(lut, hu.astype(np.int32) + 32768) if hu.dtype != np.uint16 else np.take(lut, hu)
+    packed = np.take(np.roll(lut, 32768), np.ascontiguousarray(hu, dtype=np.int16).view(np.uint16))
     return packed.view(np.uint8).reshape(*hu.shape, 4)[..., :n_channels]
+
+
+class SliceWindower:
+    """Window then resize one slice at a time: int16 HU [H, W] -> uint8 [out_h, out_w, C].
+
+    The packed table is indexed by the int16 bit pattern (a uint16 view), so no widened copy of the slice
+    is made; one table look-up gives every channel, one area resize shrinks them together.
+    """
+
+    def __init__(self, windows: tuple[Window, ...] = SEED002_WINDOWS):
+        self.n_channels = len(windows)
+        self.lut = np.roll(packed_lut(windows), 32768)  # index: int16 HU viewed as uint16
+
+    def __call__(self, hu: np.ndarray, out_h: int | None = None, out_w: int | None = None,
+                 out: np.ndarray | None = None) -> np.ndarray:
+        """hu int16 [H, W] -> uint8 [out_h, out_w, C] (contiguous; written into `out` when given)."""
+        packed = np.take(self.lut, np.ascontiguousarray(hu).view(np.uint16)).view(np.uint8)
+        packed = packed.reshape(*hu.shape, 4)
+        if out_h and out_w and (out_h, out_w) != hu.shape:
+            packed = cv2.resize(packed, (out_w, out_h), interpolation=cv2.INTER_AREA)
+        if self.n_channels == 3:  # SIMD channel drop; numpy's strided 4 -> 3 copy costs 1 ms a slice
+            return cv2.cvtColor(packed, cv2.COLOR_BGRA2BGR, dst=out)
+        result = packed if self.n_channels == 4 else np.ascontiguousarray(packed[..., : self.n_channels])
+        if out is not None:
+            out[...] = result
+            return out
+        return result
 
 
 def window_slices(hu: np.ndarray, windows: tuple[Window, ...] = SEED002_WINDOWS) -> np.ndarray:
@@ -70,10 +97,15 @@ def otsu_crop_box(hu: np.ndarray, margin: float = 0.05, square: bool = True) -> 
     Returns:
         (y0, y1, x0, x1) pixel bounds, end exclusive, inside the image. The whole image when nothing is found.
     """
-    bone = window(hu, 400, 650)
-    if bone.ndim == 3:
-        bone = np.rint(bone.mean(axis=0, dtype=np.float32)).astype(np.uint8)
-    h, w = bone.shape
+    h, w = hu.shape[-2:]
+    if hu.ndim == 3:  # the mean over at most 48 evenly spaced slices at half resolution: cheap and enough
+        picks = np.unique(np.linspace(0, hu.shape[0] - 1, min(hu.shape[0], 48)).astype(int))
+        acc = np.zeros(hu[0, ::2, ::2].shape, dtype=np.float32)
+        for k in picks:
+            acc += window(hu[k, ::2, ::2], 400, 650)
+        bone = cv2.resize(np.rint(acc / len(picks)).astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+    else:
+        bone = window(hu, 400, 650)
     if bone.max() == bone.min():
         return 0, h, 0, w
     _, fg = cv2.threshold(bone, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)

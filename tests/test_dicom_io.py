@@ -18,7 +18,7 @@ REAL = {"1.2.826.0.1.3680043.1476": "1.2.840.10008.1.2.1", "1.2.826.0.1.3680043.
         "1.2.826.0.1.3680043.14267": "1.2.840.10008.1.2.4.70"}
 
 
-@pytest.mark.parametrize("decoder", ["auto", "pydicom"])
+@pytest.mark.parametrize("decoder", ["auto", "dicomsdl", "imagecodecs", "pydicom"])
 @pytest.mark.parametrize("uid", sorted(REAL))
 def test_real_slices_equal_pydicom_rescaled_pixels(reference, uid, decoder):
     folder = reference / "dicom" / uid
@@ -36,9 +36,19 @@ def test_real_slices_equal_pydicom_rescaled_pixels(reference, uid, decoder):
 
 def test_jpeg_lossless_decoders_agree(reference):
     folder = reference / "dicom" / "1.2.826.0.1.3680043.14267"
-    fast, fallback = load_study(folder, decoder="imagecodecs"), load_study(folder, decoder="pydicom")
-    assert fast.decoder == "imagecodecs" and fallback.decoder == "pydicom"
-    assert np.array_equal(fast.hu, fallback.hu)
+    studies = {d: load_study(folder, decoder=d) for d in ("auto", "dicomsdl", "imagecodecs", "pydicom")}
+    assert {d: s.decoder for d, s in studies.items()} == {
+        "auto": "dicomsdl", "dicomsdl": "dicomsdl", "imagecodecs": "imagecodecs", "pydicom": "pydicom"}
+    for s in studies.values():
+        assert np.array_equal(s.hu, studies["pydicom"].hu)
+
+
+def test_every_decoder_reads_every_synthetic_encoding(smoke_dir):
+    for spec in plan_dataset(**SMOKE_ARGS)[:8]:
+        truth = render_study(spec)
+        for decoder in ("dicomsdl", "imagecodecs", "pydicom"):
+            study = load_study(smoke_dir / f"{spec.split}_images" / spec.uid, decoder=decoder)
+            assert np.array_equal(study.hu, truth.hu), (spec.encoding, decoder)
 
 
 def test_every_synthetic_quirk_reads_as_the_truth_head_first(smoke_dir):
