@@ -294,3 +294,32 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def profile_cache_spec(profile_name: str) -> CacheSpec:
+    """The cache every notebook of a run shares: the profile's image size and compression."""
+    from kernel_utils.config import get_profile
+
+    profile = get_profile(profile_name)
+    return CacheSpec(image_size=profile.image_size, compress=profile.compress_cache)
+
+
+def iter_cached(data_dir: str | os.PathLike, work_dir: str | os.PathLike, spec: CacheSpec,
+                splits: tuple[str, ...] = ("train", "test"), only_masked: bool = False):
+    """Yield (split, uid, entry) for every study of `splits`, building missing entries; unreadable studies
+    are logged and skipped (the submission writer gives them the prior)."""
+    data_dir = Path(data_dir)
+    for split in splits:
+        folder = data_dir / f"{split}_images"
+        if not folder.is_dir():
+            continue
+        for study_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+            seg = data_dir / "segmentations" / f"{study_dir.name}.nii" if split == "train" else None
+            if only_masked and (seg is None or not seg.exists()):
+                continue
+            try:
+                entry = load_cached(work_dir, spec, study_dir, seg)
+            except Exception as e:
+                log.warning("%s: skipped (%s)", study_dir.name, e)
+                continue
+            yield split, study_dir.name, entry

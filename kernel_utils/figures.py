@@ -105,3 +105,43 @@ def plot_study_preview(hu: np.ndarray, spacing: tuple[float, float, float], labe
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def plot_loss_curves(histories, title: str = "loss curves"):
+    """Train (solid) and validation (dashed) loss per epoch, one colour per fold, one panel per model.
+
+    histories: DataFrame with model, fold, epoch, train_loss and optionally valid_loss.
+    """
+    models = list(dict.fromkeys(histories["model"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.5), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        part = histories[histories["model"] == model]
+        for i, (fold, h) in enumerate(part.groupby("fold")):
+            color = f"C{i}"
+            ax.plot(h.epoch, h.train_loss, color=color, label=f"fold {fold} train")
+            if "valid_loss" in h:
+                ax.plot(h.epoch, h.valid_loss, color=color, ls="--", label=f"fold {fold} valid")
+        ax.set_title(model)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_slice_labels(slices, uid: str, models: tuple[str, ...] = ("true", "rf", "cnn")):
+    """Per-slice C1..C7 along the slice axis (head at the left) for one study: truth and each model's probability.
+
+    slices: DataFrame with uid, z and columns `{model}_C1..C7`.
+    """
+    part = slices[slices["uid"] == uid].sort_values("z")
+    fig, axes = plt.subplots(len(models), 1, figsize=(12, 1.6 * len(models)), squeeze=False, sharex=True)
+    for ax, model in zip(axes[:, 0], models, strict=True):
+        values = part[[f"{model}_C{k}" for k in range(1, 8)]].to_numpy(dtype=float).T
+        ax.imshow(values, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_yticks(range(7), [f"C{k}" for k in range(1, 8)], fontsize=7)
+        ax.set_ylabel(model)
+    axes[-1, 0].set_xlabel("slice (head first)")
+    fig.suptitle(f"{uid}: vertebrae along the slice axis")
+    fig.tight_layout()
+    return fig

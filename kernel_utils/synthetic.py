@@ -300,7 +300,7 @@ def make_dataset(out: str, n_train: int = 40, n_test: int = 10, size: int = 128,
     """Write a whole synthetic dataset in the competition layout under `out`; returns the specs."""
     specs = plan_dataset(n_train, n_test, size, seed, difficulty, segmented_share)
     os.makedirs(out, exist_ok=True)
-    workers = workers or min(os.cpu_count() or 1, 4)
+    workers = workers or os.cpu_count() or 1
     if workers > 1 and len(specs) > 1:
         with ProcessPoolExecutor(workers) as pool:
             results = list(tqdm(pool.map(write_study, specs, [out] * len(specs)), total=len(specs),

@@ -1,0 +1,48 @@
+"""Vertebra localisation quality and time (issue: notebook 02), on a profile's synthetic dataset.
+
+Per-slice accuracy of the CNN and the RandomForest (seed 000's table) and the 3D UNet's Dice per vertebra, on
+held-out segmented studies by cross-validation, with the time each took.
+
+    python -m benchmarks.localisation_quality --profile bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from benchmarks.common import prepared_data, write_result
+from kernel_utils.cache import iter_cached, profile_cache_spec
+from kernel_utils.localisation import LocalisationSettings, accuracy_table, cross_validate
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", default="bench")
+    ap.add_argument("--slice-model", default="tf_efficientnetv2_b0")
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args(argv)
+    data_dir, work_dir = prepared_data(args.profile, workers=args.workers)
+    spec = profile_cache_spec(args.profile)
+    studies = [{"uid": u, "images": e["images"], "mask": e["mask"]}
+               for _, u, e in iter_cached(data_dir, work_dir, spec, ("train",), only_masked=True)]
+    settings = LocalisationSettings.for_profile(args.profile, args.slice_model)
+    where = "gpu" if torch.cuda.is_available() else "cpu"
+    start = time.perf_counter()
+    cv = cross_validate(studies, settings, work_dir / f"localisation_models_{where}")
+    acc = accuracy_table(cv["slices"])
+    dice = cv["dice"].drop(columns=["uid", "fold"]).mean()
+    name = f"localisation_{args.profile}_{where}"
+    return write_result(name, {
+        "profile": args.profile, "segmented_studies": len(studies), "image_size": spec.image_size,
+        "seg_size": settings.seg_size, "folds": len(set(cv["folds"].values())),
+        "slice_model": settings.slice_cfg.model, "accuracy": acc.round(4).to_dict(),
+        "dice_per_vertebra": dice.round(4).to_dict(), "mean_dice": float(dice.mean()),
+        "seconds": cv["seconds"], "total_seconds": time.perf_counter() - start,
+        "targets": {"cnn_overall_accuracy": 0.95, "mean_dice": 0.90}})
+
+
+if __name__ == "__main__":
+    main()

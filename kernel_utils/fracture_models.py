@@ -1,0 +1,106 @@
+"""2.5D CNN + BiLSTM fracture models (seed 002's study-level form, the winners' per-vertebra form) and the
+competition-weighted loss.
+
+Per-vertebra: x [B, 7, N, C, H, W] (7 vertebrae, N slices each, C = neighbouring slices + mask) ->
+logits [B, 8] (C1..C7, then a patient head). Study-level: x [B, N, C, H, W] -> logits [B, 8].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernel_utils.models import register, timm_backbone
+from kernel_utils.training import TrainConfig
+
+POSITIVE_WEIGHTS = torch.tensor([2.0] * 7 + [14.0])
+NEGATIVE_WEIGHTS = torch.tensor([1.0] * 7 + [7.0])
+
+
+def competition_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The competition metric as a loss: weighted BCE over C1..C7 + patient_overall, each study's weighted
+    sum over its weight sum, then the mean over studies. logits, target float [B, 8]."""
+    logits, target = logits.float(), target.float()
+    w = torch.where(target > 0.5, POSITIVE_WEIGHTS.to(logits.device), NEGATIVE_WEIGHTS.to(logits.device))
+    bce = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return ((bce * w).sum(dim=1) / w.sum(dim=1)).mean()
+
+
+def batch_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    return competition_bce(logits, batch["target"])
+
+
+class SequenceEncoder(nn.Module):
+    """A timm CNN on every slice, then a bidirectional LSTM over the slices, mean- and max-pooled.
+
+    forward: x [B, N, C, H, W] -> features [B, 4 * hidden].
+    """
+
+    def __init__(self, backbone: nn.Module, hidden: int = 128, dropout: float = 0.1):
+        super().__init__()
+        self.backbone = backbone
+        self.lstm = nn.LSTM(backbone.num_features, hidden, batch_first=True, bidirectional=True)
+        self.dropout = nn.Dropout(dropout)
+        self.out_features = 4 * hidden
+
+    def slice_features(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, N, C, H, W] -> per-slice CNN features [B, N, F]."""
+        b, n = x.shape[:2]
+        return self.backbone(x.flatten(0, 1)).view(b, n, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq, _ = self.lstm(self.dropout(self.slice_features(x)))  # [B, N, 2 * hidden]
+        return torch.cat([seq.mean(dim=1), seq.amax(dim=1)], dim=1)  # [B, 4 * hidden]
+
+
+class VertebraCnnLstm(nn.Module):
+    """Per-vertebra model: the same encoder on each vertebra's slice sequence, one logit per vertebra, and a
+    patient head over the seven vertebra features.
+
+    forward: x [B, 7, N, C, H, W] -> logits [B, 8] (C1..C7, patient_overall).
+    """
+
+    def __init__(self, encoder: SequenceEncoder):
+        super().__init__()
+        self.encoder = encoder
+        self.vertebra_head = nn.Linear(encoder.out_features, 1)
+        self.patient_head = nn.Sequential(nn.Linear(2 * encoder.out_features, 64), nn.ReLU(), nn.Linear(64, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, v = x.shape[:2]
+        feats = self.encoder(x.flatten(0, 1)).view(b, v, -1)  # [B, 7, F]
+        vertebra = self.vertebra_head(feats).squeeze(-1)  # [B, 7]
+        patient = self.patient_head(torch.cat([feats.mean(dim=1), feats.amax(dim=1)], dim=1))  # [B, 1]
+        return torch.cat([vertebra, patient], dim=1)
+
+
+class StudyCnnLstm(nn.Module):
+    """Seed 002's study-level model: every (sampled) slice through the CNN, a BiLSTM, eight logits.
+
+    forward: x [B, N, C, H, W] -> logits [B, 8].
+    """
+
+    def __init__(self, encoder: SequenceEncoder):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.out_features, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+@register("cnn_lstm_vertebra")
+def _vertebra(cfg: TrainConfig, in_channels: int) -> nn.Module:
+    enc = SequenceEncoder(timm_backbone(cfg.model, in_channels), int(cfg.param("hidden", 128)))
+    return VertebraCnnLstm(enc)
+
+
+@register("cnn_lstm_study")
+def _study(cfg: TrainConfig, in_channels: int) -> nn.Module:
+    enc = SequenceEncoder(timm_backbone(cfg.model, in_channels), int(cfg.param("hidden", 128)))
+    return StudyCnnLstm(enc)
+
+
+def patient_from_vertebrae(p_vertebrae: torch.Tensor) -> torch.Tensor:
+    """patient_overall as 1 - prod(1 - p_Ck): p [..., 7] -> [...]."""
+    return 1 - torch.prod(1 - p_vertebrae, dim=-1)

@@ -1,0 +1,350 @@
+"""Vertebra localisation (notebook 02): per-slice classifiers (RandomForest, timm CNN) as in seed 000, a MONAI 3D
+UNet as the winners do, cross-validated over the segmented studies, then ranges, boxes and masks for every study.
+
+Outputs under `WORK_DIR/localisation/`: `vertebrae.csv` (one row per study and vertebra) and `masks/<uid>.npz`
+(uint8 [Z, S, S] on the cache grid) for `03_cnn_lstm` and `04_vit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.ensemble import RandomForestClassifier
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from kernel_utils.models import create_model
+from kernel_utils.training import TrainConfig, device, fit, load_best, predict
+from kernel_utils.vertebra_targets import CERVICAL, box_of, enforce_order, ranges_from_presence, slice_targets
+
+log = logging.getLogger(__name__)
+VERTEBRAE = [f"C{k}" for k in CERVICAL]
+
+
+@dataclass(frozen=True)
+class LocalisationSettings:
+    """Sizes of the localisation stage; `for_profile` gives the kit's choices per profile."""
+
+    n_folds: int
+    slice_cfg: TrainConfig
+    seg_cfg: TrainConfig
+    seg_size: int
+    rf_trees: int = 100
+    rf_pixels: int = 16
+
+    @staticmethod
+    def for_profile(profile: str, slice_model: str = "tf_efficientnetv2_b0", pretrained_path: str = "") -> \
+            LocalisationSettings:
+        table = {  # folds, cnn epochs, cnn steps cap, seg size, seg width, seg epochs, seg batch
+            "smoke": (2, 1, 4, 32, 8, 2, 2),
+            "demo": (3, 2, 0, 32, 8, 25, 2),
+            "bench": (5, 4, 0, 64, 16, 60, 2),
+            "full": (5, 8, 0, 128, 32, 150, 2),
+        }
+        folds, ep, steps, size, width, seg_ep, seg_bs = table[profile]
+        slice_cfg = TrainConfig(stage="slice_classifier", model=slice_model, epochs=ep, batch_size=32, lr=1e-3,
+                                patience=3, max_steps_per_epoch=steps, pretrained_path=pretrained_path)
+        seg_cfg = TrainConfig(stage="seg3d", model="monai_unet", epochs=seg_ep, batch_size=seg_bs, lr=3e-3,
+                              patience=max(seg_ep // 4, 2), max_steps_per_epoch=steps,
+                              params=(("size", size), ("width", width)))
+        return LocalisationSettings(folds, slice_cfg, seg_cfg, size)
+
+
+class SliceDataset(Dataset):
+    """Every slice of some studies: image float [C, S, S] in 0..1, target float [7] (C1..C7 present)."""
+
+    def __init__(self, studies: list[dict], augment: bool = False):
+        self.studies = studies
+        self.index = [(i, z) for i, s in enumerate(studies) for z in range(len(s["images"]))]
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        s, z = self.index[i]
+        img = self.studies[s]["images"][z]
+        if self.augment and np.random.rand() < 0.5:
+            img = img[:, ::-1]
+        item = {"image": torch.from_numpy(np.ascontiguousarray(img).transpose(2, 0, 1)).float() / 255.0}
+        if "presence" in self.studies[s]:
+            item["target"] = torch.from_numpy(self.studies[s]["presence"][z].astype(np.float32))
+        return item
+
+
+def to_cube(images: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 [Z, H, W, C] -> float [C, size, size, size] in 0..1 (trilinear)."""
+    x = torch.from_numpy(images).permute(3, 0, 1, 2)[None].float() / 255.0
+    return F.interpolate(x, size=(size,) * 3, mode="trilinear", align_corners=False)[0]
+
+
+def mask_to_cube(mask: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 [Z, H, W] labels -> long [size, size, size] with C1..C7 kept and everything else 0 (nearest)."""
+    m = torch.from_numpy(np.where(mask <= 7, mask, 0).astype(np.float32))[None, None]
+    return F.interpolate(m, size=(size,) * 3, mode="nearest")[0, 0].long()
+
+
+def cube_to_grid(labels: torch.Tensor, shape: tuple[int, int, int]) -> np.ndarray:
+    """long [D, H, W] -> uint8 [Z, S, S] on the study's cache grid (nearest)."""
+    out = F.interpolate(labels[None, None].float(), size=shape, mode="nearest")[0, 0]
+    return out.to(torch.uint8).numpy()
+
+
+class VolumeDataset(Dataset):
+    """Studies resampled to cubes: image float [C, D, D, D], target long [1, D, D, D] when a mask is known."""
+
+    def __init__(self, studies: list[dict], size: int, augment: bool = False):
+        self.cubes = [to_cube(s["images"], size) for s in studies]
+        self.masks = [mask_to_cube(s["mask"], size) if "mask" in s else None for s in studies]
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.cubes)
+
+    def __getitem__(self, i: int) -> dict:
+        x, m = self.cubes[i], self.masks[i]
+        if self.augment and np.random.rand() < 0.5:  # left-right flip keeps every label's meaning
+            x = x.flip(-1)
+            m = m.flip(-1) if m is not None else None
+        item = {"image": x}
+        if m is not None:
+            item["target"] = m[None]
+        return item
+
+
+def bce_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits.float(), batch["target"].float())
+
+
+def dice_ce_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    from monai.losses import DiceCELoss
+
+    return DiceCELoss(to_onehot_y=True, softmax=True)(logits.float(), batch["target"])
+
+
+def rf_features(images: np.ndarray, pixels: int) -> np.ndarray:
+    """uint8 [Z, H, W, C] -> float32 [Z, pixels * pixels * C]: area-downsampled slices, seed 000's RF input."""
+    return np.stack([cv2.resize(im, (pixels, pixels), interpolation=cv2.INTER_AREA).ravel()
+                     for im in images]).astype(np.float32) / 255.0
+
+
+def study_folds(uids: list[str], n_folds: int, seed: int = 42) -> dict[str, int]:
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(uids))
+    return {uids[i]: int(k % n_folds) for k, i in enumerate(order)}
+
+
+def dice_per_vertebra(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
+    """Dice of C1..C7 (nan where a vertebra is absent from both)."""
+    out = {}
+    for k in CERVICAL:
+        p, t = pred == k, true == k
+        denom = p.sum() + t.sum()
+        out[f"C{k}"] = float(2 * (p & t).sum() / denom) if denom else float("nan")
+    return out
+
+
+def cross_validate(studies: list[dict], settings: LocalisationSettings, out_dir: str | os.PathLike,
+                   progress: bool = True) -> dict:
+    """Train and score RF, CNN and 3D UNet over folds of the segmented studies.
+
+    Args:
+        studies: dicts with uid, images uint8 [Z, S, S, C], mask uint8 [Z, S, S].
+
+    Returns:
+        slices: one row per held-out slice (uid, z, true/rf/cnn C1..C7); dice: one row per held-out study;
+        histories: training curves per (model, fold); folds: uid -> fold; seconds per model.
+    """
+    out_dir = Path(out_dir)
+    for s in studies:
+        s["presence"], _ = slice_targets(s["mask"])
+    n_folds = max(2, min(settings.n_folds, len(studies)))
+    folds = study_folds([s["uid"] for s in studies], n_folds)
+    slice_rows, dice_rows, histories = [], [], []
+    seconds = {"random_forest": 0.0, "cnn": 0.0, "unet3d": 0.0}
+    import time
+
+    for k in tqdm(range(n_folds), desc="localisation folds", disable=not progress):
+        train = [s for s in studies if folds[s["uid"]] != k]
+        valid = [s for s in studies if folds[s["uid"]] == k]
+        start = time.perf_counter()
+        rf = RandomForestClassifier(settings.rf_trees, n_jobs=-1, random_state=k, min_samples_leaf=2)
+        rf.fit(np.concatenate([rf_features(s["images"], settings.rf_pixels) for s in train]),
+               np.concatenate([s["presence"] for s in train]))
+        seconds["random_forest"] += time.perf_counter() - start
+        start = time.perf_counter()
+        cnn = create_model(settings.slice_cfg, train[0]["images"].shape[-1])
+        hist = fit(cnn, SliceDataset(train, augment=True), SliceDataset(valid), bce_loss, settings.slice_cfg,
+                   out_dir, k, progress=progress)
+        histories.append(hist.assign(model="cnn", fold=k))
+        cnn = load_best(cnn, out_dir, settings.slice_cfg, k)
+        seconds["cnn"] += time.perf_counter() - start
+        start = time.perf_counter()
+        unet = create_model(settings.seg_cfg, train[0]["images"].shape[-1])
+        hist = fit(unet, VolumeDataset(train, settings.seg_size, augment=True), VolumeDataset(valid, settings.seg_size),
+                   dice_ce_loss, settings.seg_cfg, out_dir, k, progress=progress)
+        histories.append(hist.assign(model="unet3d", fold=k))
+        unet = load_best(unet, out_dir, settings.seg_cfg, k)
+        seconds["unet3d"] += time.perf_counter() - start
+        for s in valid:
+            rf_prob = np.stack([p[:, 1] if p.shape[1] > 1 else np.zeros(len(p))
+                                for p in rf.predict_proba(rf_features(s["images"], settings.rf_pixels))], axis=1)
+            cnn_prob = 1 / (1 + np.exp(-predict(cnn, SliceDataset([{"images": s["images"]}]))))
+            for z in range(len(s["images"])):
+                slice_rows.append({"uid": s["uid"], "fold": k, "z": z,
+                                   **{f"true_C{j}": bool(s["presence"][z, j - 1]) for j in CERVICAL},
+                                   **{f"rf_C{j}": float(rf_prob[z, j - 1]) for j in CERVICAL},
+                                   **{f"cnn_C{j}": float(cnn_prob[z, j - 1]) for j in CERVICAL}})
+            pred = segment(unet, s["images"], settings.seg_size)[0]
+            dice_rows.append({"uid": s["uid"], "fold": k, **dice_per_vertebra(pred, s["mask"])})
+    return {"slices": pd.DataFrame(slice_rows), "dice": pd.DataFrame(dice_rows),
+            "histories": pd.concat(histories, ignore_index=True), "folds": folds, "seconds": seconds}
+
+
+def accuracy_table(slices: pd.DataFrame, threshold: float = 0.5) -> pd.DataFrame:
+    """Seed 000's table: per-slice accuracy of each vertebra label, and overall (their mean), RF vs CNN."""
+    rows = {}
+    for model, name in (("rf", "Random Forest"), ("cnn", "CNN")):
+        acc = {v: float(((slices[f"{model}_{v}"] >= threshold) == slices[f"true_{v}"]).mean()) for v in VERTEBRAE}
+        acc["Overall"] = float(np.mean(list(acc.values())))
+        rows[name] = acc
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def segment(models, images: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fold-averaged softmax of one or more 3D UNets over a study.
+
+    Returns:
+        labels uint8 [Z, S, S] on the cache grid, and confidence float32 [8] (mean winning probability of each
+        class over the voxels it wins, at the network's resolution).
+    """
+    models = models if isinstance(models, list | tuple) else [models]
+    dev = device()
+    x = to_cube(images, size)[None].to(dev)
+    prob = None
+    for m in models:
+        m = m.to(dev).eval()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            p = torch.softmax(m(x).float(), dim=1)[0]
+        prob = p if prob is None else prob + p
+    prob = (prob / len(models)).cpu()
+    win, labels = prob.max(dim=0)
+    conf = np.array([float(win[labels == c].mean()) if (labels == c).any() else 0.0 for c in range(8)],
+                    dtype=np.float32)
+    return cube_to_grid(labels, images.shape[:3]), conf
+
+
+def localise_study(mask: np.ndarray, confidence: np.ndarray, slice_numbers: np.ndarray,
+                   original_shape: tuple[int, int, int], crop_box: tuple[int, int, int, int] | None,
+                   source: str) -> tuple[list[dict], list[str]]:
+    """Per-vertebra rows of one study from its mask on the cache grid, after the consistency repairs.
+
+    Args:
+        mask: uint8 [Z, S, S] labels on the cache grid.
+        confidence: float [8] per class (index k for Ck).
+        slice_numbers: [Z] file slice numbers, head first.
+        original_shape: (Z, H, W) of the DICOM series.
+        crop_box: (y0, y1, x0, x1) in original pixels when the cache was cropped, else None.
+        source: which model made the mask.
+
+    Returns:
+        Rows with vertebra, found, first/last (head-first index), first/last_slice_number, box y0..x1 on the
+        cache grid and orig_y0..orig_x1 in DICOM pixels, confidence, source; and the repairs made.
+    """
+    presence, _ = slice_targets(mask)
+    ranges, repairs = enforce_order(ranges_from_presence(presence))
+    size_y, size_x = mask.shape[1:]
+    oy0, oy1, ox0, ox1 = crop_box if crop_box is not None else (0, original_shape[1], 0, original_shape[2])
+    sy, sx = (oy1 - oy0) / size_y, (ox1 - ox0) / size_x
+    rows = []
+    for k in CERVICAL:
+        r = ranges[k]
+        row = {"vertebra": f"C{k}", "found": r is not None, "source": source,
+               "confidence": float(confidence[k]) if r is not None else 0.0}
+        if r is not None:
+            first, last = max(r[0], 0), min(r[1], len(mask) - 1)
+            box = box_of(mask, k, first, last) or (0, size_y, 0, size_x)
+            row.update(first=first, last=last, first_slice_number=int(slice_numbers[first]),
+                       last_slice_number=int(slice_numbers[last]), y0=box[0], y1=box[1], x0=box[2], x1=box[3],
+                       orig_y0=int(oy0 + round(box[0] * sy)), orig_y1=int(oy0 + round(box[1] * sy)),
+                       orig_x0=int(ox0 + round(box[2] * sx)), orig_x1=int(ox0 + round(box[3] * sx)))
+        rows.append(row)
+    return rows, repairs
+
+
+def presence_mask(prob: np.ndarray, shape: tuple[int, int, int], threshold: float = 0.5) -> np.ndarray:
+    """Slice-classifier fallback: a mask whose slices carry label k where P(Ck) >= threshold (whole slice)."""
+    mask = np.zeros(shape, dtype=np.uint8)
+    for k in CERVICAL:  # later (lower) vertebrae win where two overlap, as in the ranges
+        mask[prob[:, k - 1] >= threshold] = k
+    return mask
+
+
+def localise_all(studies, unets: list, cnns: list, folds: dict[str, int], settings: LocalisationSettings,
+                 out_dir: str | os.PathLike, crop: bool = False, progress: bool = True) -> pd.DataFrame:
+    """Ranges, boxes and masks for every study; writes `vertebrae.csv` and `masks/<uid>.npz` under out_dir.
+
+    Args:
+        studies: iterable of (split, uid, cache entry) for every train and test study.
+        unets, cnns: the fold models; a segmented study is predicted by the models of its held-out fold only.
+        folds: uid -> fold of the segmented studies.
+
+    Returns:
+        One row per study and vertebra (see `localise_study`), plus split, uid, no_cervical and repairs.
+    """
+    out_dir = Path(out_dir)
+    rows = []
+    for split, uid, entry in tqdm(studies, desc="localise studies", disable=not progress):
+        pick = [folds[uid]] if uid in folds else list(range(len(unets)))
+        mask, conf = segment([unets[i] for i in pick], entry["images"], settings.seg_size)
+        source = "unet3d" + ("_oof" if uid in folds else "")
+        if not ((mask >= 1) & (mask <= 7)).any():  # the 3D model found nothing: the slice classifier may
+            logits = np.mean([predict(cnns[i], SliceDataset([{"images": entry["images"]}])) for i in pick], axis=0)
+            prob = 1 / (1 + np.exp(-logits))
+            mask = presence_mask(prob, entry["images"].shape[:3])
+            conf = np.concatenate([[0.0], [float(prob[prob[:, j] >= 0.5, j].mean()) if (prob[:, j] >= 0.5).any()
+                                           else 0.0 for j in range(7)]])
+            source = "slice_cnn"
+        crop_box = tuple(int(v) for v in entry["crop_box"]) if crop else None
+        study_rows, repairs = localise_study(mask, conf, entry["slice_numbers"], tuple(entry["original_shape"]),
+                                             crop_box, source)
+        for r in repairs:
+            log.warning("%s: %s", uid, r)
+        no_cervical = not any(r["found"] for r in study_rows)
+        if no_cervical:
+            log.warning("%s: no cervical vertebra found; later stages use the whole study", uid)
+        for r in study_rows:
+            rows.append({"split": split, "StudyInstanceUID": uid, **r, "no_cervical": no_cervical,
+                         "repairs": "; ".join(repairs)})
+        write_localisation(out_dir / "masks", uid, mask)
+    table = pd.DataFrame(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / ".vertebrae.csv.tmp"
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, out_dir / "vertebrae.csv")
+    return table
+
+
+def write_localisation(masks_dir: Path, uid: str, mask: np.ndarray) -> None:
+    """The mask npz of one study, atomically."""
+    masks_dir.mkdir(parents=True, exist_ok=True)
+    path = masks_dir / f"{uid}.npz"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, mask=mask)
+    os.replace(tmp, path)
+
+
+def settings_json(settings: LocalisationSettings) -> str:
+    return json.dumps(dataclasses.asdict(settings), indent=1, default=str)

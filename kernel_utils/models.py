@@ -1,0 +1,84 @@
+"""The kit's networks, built by name from one small registry: `create_model(cfg, in_channels)`.
+
+timm backbones in 2D, MONAI networks in 3D. Pretrained weights come only from a local file (a Kaggle dataset):
+nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import timm
+import torch
+from torch import nn
+
+from kernel_utils.training import TrainConfig
+
+log = logging.getLogger(__name__)
+REGISTRY: dict[str, Callable[[TrainConfig, int], nn.Module]] = {}
+
+
+def register(stage: str):
+    def wrap(fn):
+        REGISTRY[stage] = fn
+        return fn
+
+    return wrap
+
+
+def create_model(cfg: TrainConfig, in_channels: int) -> nn.Module:
+    """The network of `cfg.stage`, with `cfg.pretrained_path` loaded into its backbone when given."""
+    import kernel_utils.fracture_models  # noqa: F401  (registers the fracture networks)
+
+    if cfg.stage not in REGISTRY:
+        raise ValueError(f"unknown stage {cfg.stage!r}; registered: {sorted(REGISTRY)}")
+    model = REGISTRY[cfg.stage](cfg, in_channels)
+    if cfg.pretrained_path:
+        backbones = [m for name, m in model.named_modules() if name.split(".")[-1] == "backbone"]
+        load_pretrained(backbones[0] if backbones else model, cfg.pretrained_path)
+    return model
+
+
+def load_pretrained(module: nn.Module, path: str) -> None:
+    """Load a local state dict, keeping only tensors whose names and shapes match (heads and stems may differ)."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
+    own = module.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    module.load_state_dict(usable, strict=False)
+    log.info("loaded %d of %d tensors from %s", len(usable), len(own), path)
+    if not usable:
+        raise ValueError(f"{path}: no tensor matches the model's names and shapes")
+
+
+def timm_backbone(name: str, in_channels: int) -> nn.Module:
+    """A timm feature extractor (global pooled features, no classifier); `.num_features` says its width."""
+    return timm.create_model(name, pretrained=False, in_chans=in_channels, num_classes=0)
+
+
+class SliceClassifier(nn.Module):
+    """Per-slice multi-label classifier: which of C1..C7 a slice shows."""
+
+    def __init__(self, backbone: nn.Module, n_outputs: int = 7):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.num_features, n_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x float [B, C, H, W] -> logits [B, n_outputs]."""
+        return self.head(self.backbone(x))
+
+
+@register("slice_classifier")
+def _slice_classifier(cfg: TrainConfig, in_channels: int) -> nn.Module:
+    return SliceClassifier(timm_backbone(cfg.model, in_channels), 7)
+
+
+@register("seg3d")
+def _seg3d(cfg: TrainConfig, in_channels: int) -> nn.Module:
+    from monai.networks.nets import UNet
+
+    width = int(cfg.param("width", 16))
+    return UNet(spatial_dims=3, in_channels=in_channels, out_channels=8,
+                channels=(width, 2 * width, 4 * width, 8 * width), strides=(2, 2, 2), num_res_units=2)

@@ -1,0 +1,217 @@
+"""One training loop for every stage: Accelerate (mixed precision, several GPUs), checkpoints named from the
+config (`{run_name}_fold{k}_best.pt` and `_last.pt`, `config.json` beside), resume, early stopping, progress bars.
+
+A stage supplies a model (tensor in, logits out), datasets of dict batches (`image`, `target`, ...) and a
+`loss_fn(logits, batch) -> scalar`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings shared by every trained stage; a stage's own settings go in `params` (sorted key/value pairs).
+
+    Attributes:
+        stage: what is trained, e.g. "slice_classifier", "seg3d", "cnn_lstm", "vit3d".
+        model: the backbone or network name (timm name in 2D).
+        epochs, batch_size, lr, weight_decay: the optimiser (AdamW, cosine schedule with warm-up).
+        patience: epochs without a better validation loss before stopping.
+        mixed_precision: "auto" (bf16 on a GPU, fp32 on the CPU), "no", "bf16" or "fp16".
+        pretrained_path: a local weights file for the backbone (a Kaggle dataset); empty: random initialisation.
+        max_steps_per_epoch: cap on training steps per epoch (0: no cap), for smoke runs.
+        params: stage-specific settings, part of the run name's hash.
+    """
+
+    stage: str
+    model: str
+    epochs: int = 5
+    batch_size: int = 16
+    lr: float = 3e-4
+    weight_decay: float = 1e-2
+    patience: int = 3
+    seed: int = 42
+    num_workers: int = 0
+    mixed_precision: str = "auto"
+    pretrained_path: str = ""
+    max_steps_per_epoch: int = 0
+    params: tuple[tuple[str, object], ...] = ()
+
+    def param(self, key: str, default=None):
+        return dict(self.params).get(key, default)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def run_name(self) -> str:
+        """Derived from every setting: never typed by hand, so it cannot drift from the config."""
+        digest = hashlib.sha1(json.dumps(self.to_json(), sort_keys=True, default=str).encode()).hexdigest()[:8]
+        return f"{self.stage}_{self.model}_e{self.epochs}_lr{self.lr:g}_{digest}"
+
+    @classmethod
+    def from_json(cls, data: dict) -> TrainConfig:
+        data = dict(data)
+        data["params"] = tuple(tuple(p) for p in data.get("params", ()))
+        return cls(**data)
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() else "no"
+    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+
+
+def seed_everything(seed: int) -> None:
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def checkpoint_paths(out_dir: Path, cfg: TrainConfig, fold: int) -> tuple[Path, Path]:
+    base = Path(out_dir) / f"{cfg.run_name}_fold{fold}"
+    return base.with_name(base.name + "_best.pt"), base.with_name(base.name + "_last.pt")
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_config(out_dir: Path, cfg: TrainConfig) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{cfg.run_name}_config.json"
+    path.write_text(json.dumps(cfg.to_json(), indent=1, default=str))
+    return path
+
+
+def fit(model: torch.nn.Module, train_ds: Dataset, valid_ds: Dataset | None, loss_fn: Callable, cfg: TrainConfig,
+        out_dir: str | os.PathLike, fold: int = 0, collate_fn: Callable | None = None,
+        progress: bool = True) -> pd.DataFrame:
+    """Train with early stopping; resume from `_last.pt` when present. Returns the history (one row an epoch)."""
+    out_dir = Path(out_dir)
+    save_config(out_dir, cfg)
+    best_path, last_path = checkpoint_paths(out_dir, cfg, fold)
+    seed_everything(cfg.seed + fold)
+    acc = _accelerator(cfg)
+    loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
+                        collate_fn=collate_fn, drop_last=len(train_ds) > cfg.batch_size)
+    valid_loader = DataLoader(valid_ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                              collate_fn=collate_fn) if valid_ds is not None and len(valid_ds) else None
+    steps = len(loader) if not cfg.max_steps_per_epoch else min(len(loader), cfg.max_steps_per_epoch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = max(cfg.epochs * steps, 1)
+    warmup = max(1, total // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))))
+    history: list[dict] = []
+    start_epoch, best, stale = 0, float("inf"), 0
+    if last_path.exists():
+        state = torch.load(last_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        history, start_epoch = state["history"], state["epoch"] + 1
+        best, stale = state["best"], state["stale"]
+        log.info("resuming %s fold %d at epoch %d", cfg.run_name, fold, start_epoch)
+    model, optimizer, loader, schedule = acc.prepare(model, optimizer, loader, schedule)
+    if valid_loader is not None:
+        valid_loader = acc.prepare(valid_loader)
+    for epoch in range(start_epoch, cfg.epochs):
+        if stale >= cfg.patience:
+            break
+        start = time.perf_counter()
+        model.train()
+        losses = []
+        bar = tqdm(loader, total=steps, desc=f"{cfg.stage} fold {fold} epoch {epoch}", disable=not progress,
+                   leave=False)
+        for step, batch in enumerate(bar):
+            if step >= steps:
+                break
+            with acc.autocast():
+                loss = loss_fn(model(batch["image"]), batch)
+            acc.backward(loss)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+               "lr": float(optimizer.param_groups[0]["lr"]), "seconds": time.perf_counter() - start,
+               "train_items_per_s": len(losses) * cfg.batch_size / max(time.perf_counter() - start, 1e-9)}
+        if valid_loader is not None:
+            row["valid_loss"] = evaluate_loss(model, valid_loader, loss_fn, acc)
+        history.append(row)
+        score = row.get("valid_loss", row["train_loss"])
+        improved = score < best
+        if improved:
+            best, stale = score, 0
+            _atomic_save({"model": acc.unwrap_model(model).state_dict(), "config": cfg.to_json(), "epoch": epoch,
+                          "score": score}, best_path)
+        else:
+            stale += 1
+        _atomic_save({"model": acc.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+                      "schedule": schedule.state_dict(), "history": history, "epoch": epoch, "best": best,
+                      "stale": stale, "config": cfg.to_json()}, last_path)
+    return pd.DataFrame(history)
+
+
+@torch.no_grad()
+def evaluate_loss(model, loader, loss_fn, acc=None) -> float:
+    model.eval()
+    total, n = 0.0, 0
+    for batch in loader:
+        ctx = acc.autocast() if acc is not None else torch.autocast("cpu", enabled=False)
+        with ctx:
+            loss = loss_fn(model(batch["image"]), batch)
+        k = len(batch["image"])
+        total += float(loss) * k
+        n += k
+    return total / max(n, 1)
+
+
+def load_best(model: torch.nn.Module, out_dir: str | os.PathLike, cfg: TrainConfig, fold: int) -> torch.nn.Module:
+    """The fold's best weights into `model` (on the CPU; move it where it will run)."""
+    best_path, _ = checkpoint_paths(Path(out_dir), cfg, fold)
+    state = torch.load(best_path, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, ds: Dataset, batch_size: int = 32, collate_fn: Callable | None = None,
+            dev: torch.device | None = None) -> np.ndarray:
+    """Sigmoid-free raw outputs (logits) of `model` over a dataset, stacked on axis 0, as float32 numpy."""
+    dev = dev or device()
+    model = model.to(dev).eval()
+    outs = []
+    for batch in DataLoader(ds, batch_size=batch_size, collate_fn=collate_fn):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            outs.append(model(batch["image"].to(dev)).float().cpu().numpy())
+    return np.concatenate(outs) if outs else np.zeros((0,))
