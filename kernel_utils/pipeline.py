@@ -13,8 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import papermill as pm
-
 from kernel_utils.config import get_profile, resolve_work_dir
 from kernel_utils.submission import validate_submission
 from kernel_utils.synthetic import make_dataset
@@ -48,6 +46,8 @@ def ensure_synthetic(work_dir: Path, profile_name: str, seed: int = 0) -> Path:
 
 def run(data_dir: Path | None, work_dir: Path, profile: str, only: list[str] | None = None) -> Path:
     """Execute the notebooks into work_dir/executed/ and return the validated submission path."""
+    import papermill as pm  # only here: the benchmarks use ensure_synthetic without Jupyter
+
     get_profile(profile)
     data_dir = data_dir or ensure_synthetic(work_dir, profile)
     executed = work_dir / "executed"
