@@ -145,3 +145,46 @@ def plot_slice_labels(slices, uid: str, models: tuple[str, ...] = ("true", "rf",
     fig.suptitle(f"{uid}: vertebrae along the slice axis")
     fig.tight_layout()
     return fig
+
+
+def plot_roc(labels, predictions: dict, targets: tuple[str, ...] | None = None):
+    """ROC curves per target, one line per model. labels and each prediction: wide per-study tables."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    targets = targets or tuple([f"C{k}" for k in range(1, 8)] + ["patient_overall"])
+    fig, axes = plt.subplots(2, 4, figsize=(16, 8))
+    for ax, t in zip(axes.ravel(), targets, strict=True):
+        for name, pred in predictions.items():
+            merged = labels[["StudyInstanceUID", t]].merge(pred[["StudyInstanceUID", t]], on="StudyInstanceUID",
+                                                           suffixes=("_true", "_pred"))
+            y, p = merged[f"{t}_true"], merged[f"{t}_pred"]
+            if 0 < y.sum() < len(y):
+                fpr, tpr, _ = roc_curve(y, p)
+                ax.plot(fpr, tpr, label=f"{name} AUC {roc_auc_score(y, p):.3f}")
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.5, ls=":")
+        ax.set_title(t)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_fracture_boxes(image: np.ndarray, original_size: tuple[int, int], predicted: list[tuple],
+                        true: list[tuple], cam: np.ndarray | None = None, cam_box: tuple | None = None,
+                        title: str = ""):
+    """One slice (uint8 [S, S]) drawn in DICOM pixel coordinates, the Grad-CAM heatmap over its crop, predicted
+    boxes in red and true boxes in green, each (x, y, width, height) in DICOM pixels."""
+    h, w = original_size
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.imshow(image, cmap="gray", extent=(0, w, h, 0))
+    if cam is not None and cam_box is not None:
+        x0, y0, x1, y1 = cam_box
+        ax.imshow(cam, cmap="jet", alpha=0.35, extent=(x0, x1, y1, y0), vmin=0, vmax=1)
+    for boxes, color in ((predicted, "red"), (true, "lime")):
+        for x, y, bw, bh in boxes:
+            ax.add_patch(Rectangle((x, y), bw, bh, fill=False, color=color, lw=1.5))
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    return fig

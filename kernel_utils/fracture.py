@@ -1,0 +1,185 @@
+"""Fracture detection stage (notebook 03): inputs for every study, cross-validated CNN + BiLSTM in both forms,
+out-of-fold and test predictions in the wide per-study format, and the inference `05` calls.
+
+Outputs under `WORK_DIR/predictions/`: `<name>_oof.csv`, `<name>_test.csv`, `<name>.json` (settings, run
+name, folds, how patient_overall is made); weights under `WORK_DIR/models/fracture/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kernel_utils.baseline import make_folds
+from kernel_utils.cache import CacheSpec, iter_cached
+from kernel_utils.fracture_data import (
+    FractureDataset,
+    crop_box_on_cache,
+    study_sequence,
+    targets_of,
+    vertebra_stacks,
+)
+from kernel_utils.fracture_models import batch_loss
+from kernel_utils.metric import NORMALIZATIONS, TARGETS, competition_loss
+from kernel_utils.models import create_model
+from kernel_utils.training import TrainConfig, fit, load_best, predict
+
+log = logging.getLogger(__name__)
+FORMS = ("vertebra", "study")
+
+
+@dataclass(frozen=True)
+class FractureSettings:
+    """One fracture model: its form, training config and input sizes (in `cfg.params`)."""
+
+    form: str
+    cfg: TrainConfig
+    n_folds: int
+
+    @property
+    def name(self) -> str:
+        return f"cnn_lstm_{self.form}"
+
+    @staticmethod
+    def for_profile(profile: str, form: str, model: str = "", pretrained_path: str = "") -> FractureSettings:
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        # folds, epochs, steps cap, batch, vertebra slices, crop, study slices, study size
+        table = {"smoke": (2, 1, 2, 4, 5, 32, 8, 32), "demo": (3, 3, 0, 8, 9, 48, 16, 64),
+                 "bench": (5, 12, 0, 16, 15, 64, 32, 96), "full": (5, 15, 0, 8, 15, 128, 64, 256)}
+        folds, epochs, steps, batch, n_v, crop, n_s, size = table[profile]
+        default = {"vertebra": "tf_efficientnetv2_s" if profile == "full" else "tf_efficientnetv2_b0",
+                   "study": "resnet50" if profile in ("bench", "full") else "resnet18"}[form]
+        params = (("hidden", 128), ("n_slices", n_v), ("context", 1), ("step", 1), ("crop", crop)) \
+            if form == "vertebra" else (("hidden", 128), ("n_slices", n_s), ("size", size))
+        cfg = TrainConfig(stage=f"cnn_lstm_{form}", model=model or default, epochs=epochs, batch_size=batch,
+                          lr=3e-4 if form == "vertebra" else 2e-4, patience=4, max_steps_per_epoch=steps,
+                          pretrained_path=pretrained_path, params=params)
+        return FractureSettings(form, cfg, folds)
+
+
+def build_inputs(data_dir: str | os.PathLike, work_dir: str | os.PathLike, spec: CacheSpec,
+                 settings: FractureSettings, split: str) -> tuple[list[str], list[np.ndarray], list[dict]]:
+    """(uids, inputs, metas) of every readable study of a split; per-vertebra inputs use notebook 02's
+    localisation when it exists, else the whole-study fallback. A meta holds what Grad-CAM boxes need:
+    used slice indices [7, N], crop boxes [7, 4], slice_numbers, cache and original in-plane sizes."""
+    work_dir = Path(work_dir)
+    loc_path = work_dir / "localisation" / "vertebrae.csv"
+    loc = pd.read_csv(loc_path) if loc_path.exists() else None
+    if settings.form == "vertebra" and loc is None:
+        log.warning("no %s: every study falls back to seven even windows", loc_path)
+    p = dict(settings.cfg.params)
+    uids, inputs, metas = [], [], []
+    for _, uid, entry in iter_cached(data_dir, work_dir, spec, (split,)):
+        meta = {"slice_numbers": entry["slice_numbers"], "cache_size": entry["images"].shape[1:3],
+                "original_size": tuple(int(v) for v in entry["original_shape"][1:])}
+        if settings.form == "vertebra":
+            mask_path = work_dir / "localisation" / "masks" / f"{uid}.npz"
+            mask = np.load(mask_path)["mask"] if mask_path.exists() else None
+            rows = loc[loc.StudyInstanceUID == uid] if loc is not None else None
+            x, meta["used"], meta["crop_boxes"] = vertebra_stacks(
+                entry["images"], mask, rows, p["n_slices"], p["context"], p["step"], p["crop"])
+        else:
+            x = study_sequence(entry["images"], crop_box_on_cache(entry), p["n_slices"], p["size"])
+        uids.append(uid)
+        inputs.append(x)
+        metas.append(meta)
+    return uids, inputs, metas
+
+
+def in_channels(settings: FractureSettings, inputs: list[np.ndarray]) -> int:
+    return int(inputs[0].shape[-3])
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _wide(uids: list[str], probs: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({"StudyInstanceUID": uids, **{t: probs[:, j] for j, t in enumerate(TARGETS)}})
+
+
+def with_patient_mode(probs: np.ndarray, mode: str) -> np.ndarray:
+    """probs [N, 8] with patient_overall from the patient head ("head") or 1 - prod(1 - p_Ck) ("product")."""
+    out = probs.copy()
+    if mode == "product":
+        out[:, 7] = 1 - np.prod(1 - probs[:, :7], axis=1)
+    return out
+
+
+def cross_validate_fracture(uids: list[str], inputs: list[np.ndarray], labels: pd.DataFrame,
+                            settings: FractureSettings, out_dir: str | os.PathLike, progress: bool = True) -> dict:
+    """Train one model per fold (folds stratified by the labels, grouped by study) and predict its held-out fold.
+
+    Returns:
+        oof: wide out-of-fold predictions (patient_overall by the mode chosen); raw_oof: [N, 8] sigmoid outputs;
+        patient_mode, patient_scores (loss of each mode); scores: loss per fold and overall, both
+        normalisations; histories; folds (uid -> fold).
+    """
+    labels = labels.set_index("StudyInstanceUID").loc[uids].reset_index()
+    folds = make_folds(labels, min(settings.n_folds, max(2, len(uids) // 2)))
+    fold_of = folds.reindex(uids).to_numpy()
+    targets = targets_of(labels, uids)
+    raw = np.zeros((len(uids), 8), dtype=np.float32)
+    histories = []
+    channels = in_channels(settings, inputs)
+    image_channels = channels - 1 if settings.form == "vertebra" else channels
+    for k in sorted(set(fold_of)):
+        tr, va = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
+        model = create_model(settings.cfg, channels)
+        train_ds = FractureDataset([inputs[i] for i in tr], targets[tr], augment=True, image_channels=image_channels)
+        valid_ds = FractureDataset([inputs[i] for i in va], targets[va])
+        hist = fit(model, train_ds, valid_ds, batch_loss, settings.cfg, out_dir, int(k), progress=progress)
+        histories.append(hist.assign(model=settings.name, fold=int(k)))
+        model = load_best(model, out_dir, settings.cfg, int(k))
+        raw[va] = _sigmoid(predict(model, valid_ds, batch_size=settings.cfg.batch_size))
+    truth = labels[["StudyInstanceUID", *TARGETS]]
+    modes = ("head", "product") if settings.form == "vertebra" else ("head",)
+    patient_scores = {m: competition_loss(truth, _wide(uids, with_patient_mode(raw, m))) for m in modes}
+    mode = min(patient_scores, key=patient_scores.get)
+    oof = _wide(uids, with_patient_mode(raw, mode)).assign(fold=fold_of)
+    rows = []
+    for k, part in oof.groupby("fold"):
+        t = truth[truth.StudyInstanceUID.isin(part.StudyInstanceUID)]
+        rows.append({"fold": k, **{f"loss_{n}": competition_loss(t, part, n) for n in NORMALIZATIONS}})
+    rows.append({"fold": "all", **{f"loss_{n}": competition_loss(truth, oof, n) for n in NORMALIZATIONS}})
+    return {"oof": oof, "raw_oof": raw, "patient_mode": mode, "patient_scores": patient_scores,
+            "scores": pd.DataFrame(rows).set_index("fold"), "histories": pd.concat(histories, ignore_index=True),
+            "folds": dict(zip(uids, fold_of.tolist(), strict=True))}
+
+
+def load_fold_models(settings: FractureSettings, channels: int, out_dir: str | os.PathLike,
+                     n_folds: int) -> list[torch.nn.Module]:
+    return [load_best(create_model(settings.cfg, channels), out_dir, settings.cfg, k) for k in range(n_folds)]
+
+
+def predict_fracture(models: list[torch.nn.Module], uids: list[str], inputs: list[np.ndarray],
+                     settings: FractureSettings, patient_mode: str) -> pd.DataFrame:
+    """Wide predictions of the fold models' mean probability for each study."""
+    if not uids:
+        return pd.DataFrame(columns=["StudyInstanceUID", *TARGETS])
+    ds = FractureDataset(inputs, None)
+    probs = np.mean([_sigmoid(predict(m, ds, batch_size=settings.cfg.batch_size)) for m in models], axis=0)
+    return _wide(uids, with_patient_mode(probs, patient_mode))
+
+
+def save_predictions(work_dir: str | os.PathLike, settings: FractureSettings, oof: pd.DataFrame,
+                     test: pd.DataFrame, meta: dict) -> Path:
+    """`predictions/<name>_oof.csv`, `_test.csv` and `<name>.json`, each written atomically."""
+    folder = Path(work_dir) / "predictions"
+    folder.mkdir(parents=True, exist_ok=True)
+    for suffix, df in (("oof", oof), ("test", test)):
+        tmp = folder / f".{settings.name}_{suffix}.csv.tmp"
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, folder / f"{settings.name}_{suffix}.csv")
+    (folder / f"{settings.name}.json").write_text(json.dumps(
+        {"form": settings.form, "run_name": settings.cfg.run_name, "config": settings.cfg.to_json(),
+         "n_folds": settings.n_folds, **meta}, indent=1, default=str))
+    return folder

@@ -1,0 +1,153 @@
+"""Inputs of the fracture models, built from the cache and the localisation of notebook 02.
+
+Per vertebra (the winners' form): for each of C1..C7, N slices evenly spaced through its range, each a 2.5D stack
+(neighbouring slices of one window as channels, plus the vertebra's mask), cropped to the vertebra's box and
+resized: uint8 [7, N, 2 * context + 2, crop, crop]. A vertebra that was not found falls back to the k-th of seven
+even windows of the whole study. Study level (seed 002): N slices evenly spaced through the study, three windows,
+cropped to the Otsu box: uint8 [N, 3, size, size].
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from kernel_utils.metric import TARGETS
+
+
+def evenly_spaced(first: int, last: int, n: int) -> np.ndarray:
+    """n slice indices evenly spaced from first to last inclusive (repeats when the range is short)."""
+    return np.rint(np.linspace(first, last, n)).astype(int)
+
+
+def _square_box(y0: int, y1: int, x0: int, x1: int, margin: float, h: int, w: int) -> tuple[int, int, int, int]:
+    cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
+    side = max(y1 - y0, x1 - x0) * (1 + 2 * margin)
+    side = max(side, 8)
+    y0, y1 = int(round(cy - side / 2)), int(round(cy + side / 2))
+    x0, x1 = int(round(cx - side / 2)), int(round(cx + side / 2))
+    dy = max(0, -y0) - max(0, y1 - h)
+    dx = max(0, -x0) - max(0, x1 - w)
+    return max(y0 + dy, 0), min(y1 + dy, h), max(x0 + dx, 0), min(x1 + dx, w)
+
+
+def vertebra_stacks(images: np.ndarray, mask: np.ndarray | None, ranges: pd.DataFrame | None, n_slices: int = 15,
+                    context: int = 1, step: int = 1, crop: int = 64, channel: int = 1,
+                    margin: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
+    """The per-vertebra input of one study.
+
+    Args:
+        images: uint8 [Z, S, S, C] cached windows; `channel` picks the window used for the 2.5D stack.
+        mask: uint8 [Z, S, S] vertebra labels on the cache grid (from notebook 02), or None.
+        ranges: that study's rows of `vertebrae.csv` (vertebra, found, first, last, y0, y1, x0, x1), or None.
+        n_slices, context, step: N slices per vertebra; neighbours at offsets -context..context times step.
+        crop: output side in pixels.
+
+    Returns:
+        uint8 [7, N, 2 * context + 2, crop, crop], the slice indices used, int [7, N], and each vertebra's
+        crop box on the cache grid (y0, y1, x0, x1), int [7, 4].
+    """
+    z_n, h, w = images.shape[:3]
+    offsets = np.arange(-context, context + 1) * step
+    out = np.zeros((7, n_slices, len(offsets) + 1, crop, crop), dtype=np.uint8)
+    used = np.zeros((7, n_slices), dtype=int)
+    boxes = np.zeros((7, 4), dtype=int)
+    rows = ranges.set_index("vertebra") if ranges is not None and len(ranges) else None
+    for k in range(1, 8):
+        row = rows.loc[f"C{k}"] if rows is not None and f"C{k}" in rows.index else None
+        if row is not None and bool(row["found"]):
+            zs = evenly_spaced(int(row["first"]), int(row["last"]), n_slices)
+            y0, y1, x0, x1 = _square_box(int(row["y0"]), int(row["y1"]), int(row["x0"]), int(row["x1"]), margin, h, w)
+        else:  # fallback: the k-th of seven even windows of the whole study, whole slices
+            lo, hi = (k - 1) * z_n // 7, max(k * z_n // 7 - 1, (k - 1) * z_n // 7)
+            zs = evenly_spaced(lo, hi, n_slices)
+            y0, y1, x0, x1 = 0, h, 0, w
+        used[k - 1] = zs
+        boxes[k - 1] = (y0, y1, x0, x1)
+        for i, z in enumerate(zs):
+            planes = [images[int(np.clip(z + o, 0, z_n - 1)), y0:y1, x0:x1, channel] for o in offsets]
+            planes.append(((mask[z, y0:y1, x0:x1] == k) * 255).astype(np.uint8) if mask is not None
+                          else np.zeros_like(planes[0]))
+            stack = cv2.resize(np.stack(planes, axis=-1), (crop, crop), interpolation=cv2.INTER_AREA)
+            out[k - 1, i] = stack.reshape(crop, crop, -1).transpose(2, 0, 1)
+    return out, used, boxes
+
+
+def study_sequence(images: np.ndarray, crop_box: tuple[int, int, int, int] | None, n_slices: int = 32,
+                   size: int = 64) -> np.ndarray:
+    """Seed 002's input: n_slices evenly spaced slices, three windows, cropped to crop_box (cache pixels).
+
+    Returns:
+        uint8 [N, C, size, size].
+    """
+    z_n, h, w = images.shape[:3]
+    y0, y1, x0, x1 = crop_box if crop_box is not None else (0, h, 0, w)
+    zs = evenly_spaced(0, z_n - 1, n_slices)
+    out = np.empty((n_slices, images.shape[3], size, size), dtype=np.uint8)
+    for i, z in enumerate(zs):
+        img = cv2.resize(np.ascontiguousarray(images[z, y0:y1, x0:x1]), (size, size), interpolation=cv2.INTER_AREA)
+        out[i] = img.reshape(size, size, -1).transpose(2, 0, 1)
+    return out
+
+
+def crop_box_on_cache(entry: dict) -> tuple[int, int, int, int]:
+    """The Otsu box of a cache entry in cache pixels (it is stored in original pixels)."""
+    y0, y1, x0, x1 = (int(v) for v in entry["crop_box"])
+    _, h, w = (int(v) for v in entry["original_shape"])
+    s_h, s_w = entry["images"].shape[1:3]
+    return (int(y0 * s_h / h), max(int(np.ceil(y1 * s_h / h)), int(y0 * s_h / h) + 1),
+            int(x0 * s_w / w), max(int(np.ceil(x1 * s_w / w)), int(x0 * s_w / w) + 1))
+
+
+class FractureDataset(Dataset):
+    """Inputs uint8 [..., C, H, W] with wide targets [8]; augmentation: left-right flip, small rotation and
+    shift (one transform per sample, all slices alike), intensity jitter of the image channels."""
+
+    def __init__(self, inputs: list[np.ndarray], targets: np.ndarray | None, augment: bool = False,
+                 image_channels: int | None = None):
+        self.inputs, self.targets, self.augment = inputs, targets, augment
+        self.image_channels = image_channels
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def _augment(self, x: np.ndarray) -> np.ndarray:
+        rng = np.random.default_rng()
+        shape = x.shape
+        side = shape[-1]
+        planes = x.reshape(-1, side, side).transpose(1, 2, 0)  # [H, W, everything else]
+        angle, shift = rng.uniform(-10, 10), rng.uniform(-0.06, 0.06, size=2) * side
+        m = cv2.getRotationMatrix2D((side / 2, side / 2), angle, 1.0)
+        m[:, 2] += shift
+        out = np.empty_like(planes)
+        for i in range(0, planes.shape[2], 4):  # cv2 warps at most 4 channels at a time
+            part = np.ascontiguousarray(planes[..., i: i + 4])
+            warped = cv2.warpAffine(part, m, (side, side), flags=cv2.INTER_LINEAR, borderValue=0)
+            out[..., i: i + 4] = warped.reshape(side, side, -1)
+        x = out.transpose(2, 0, 1).reshape(shape)
+        if rng.random() < 0.5:
+            x = x[..., ::-1]
+        return np.ascontiguousarray(x)
+
+    def __getitem__(self, i: int) -> dict:
+        x = self.inputs[i]
+        if self.augment:
+            x = self._augment(x)
+        t = torch.from_numpy(np.ascontiguousarray(x)).float() / 255.0
+        if self.augment:
+            c = self.image_channels or t.shape[-3]
+            gain = 1 + 0.1 * (2 * torch.rand(1) - 1)
+            bias = 0.05 * (2 * torch.rand(1) - 1)
+            t[..., :c, :, :] = (t[..., :c, :, :] * gain + bias).clamp(0, 1)
+        item = {"image": t}
+        if self.targets is not None:
+            item["target"] = torch.from_numpy(self.targets[i].astype(np.float32))
+        return item
+
+
+def targets_of(labels: pd.DataFrame, uids: list[str]) -> np.ndarray:
+    """Wide labels (C1..C7, patient_overall) of `uids`, float32 [N, 8]."""
+    return labels.set_index("StudyInstanceUID").loc[uids, TARGETS].to_numpy(dtype=np.float32)

@@ -1,0 +1,42 @@
+"""The blend: the weight search recovers the better model; the table compares models, mean and blend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from kernel_utils.ensemble import blend, compare, fit_weights, simplex_grid
+from kernel_utils.metric import TARGETS
+
+
+def _constructed(n=400, seed=0):
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, 8)) < 0.3).astype(float)
+    y[:, 7] = y[:, :7].max(axis=1)
+    uids = [f"1.2.{i}" for i in range(n)]
+    labels = pd.DataFrame(y.astype(int), columns=TARGETS).assign(StudyInstanceUID=uids)
+    good = np.clip(np.where(y > 0.5, 0.8, 0.2) + rng.normal(0, 0.05, y.shape), 0.01, 0.99)
+    noise = np.clip(rng.random(y.shape), 0.01, 0.99)
+    to_df = lambda a: pd.DataFrame(a, columns=TARGETS).assign(StudyInstanceUID=uids)  # noqa: E731
+    return labels, to_df(good), to_df(noise)
+
+
+def test_weight_search_recovers_the_better_model():
+    labels, good, noise = _constructed()
+    y = labels[TARGETS].to_numpy(float)
+    p = np.stack([noise[TARGETS].to_numpy(), good[TARGETS].to_numpy()])
+    sw = np.where(y > 0.5, [2] * 7 + [14], [1] * 7 + [7]).sum(axis=1)
+    w = fit_weights(y, p, sw)
+    assert (w[:, 1] >= 0.9).all() and np.allclose(w.sum(axis=1), 1)
+    assert len(simplex_grid(3, 0.5)) == 6
+
+
+def test_comparison_table_and_blend():
+    labels, good, noise = _constructed()
+    table, weights = compare(labels, {"noise": noise, "good": good}, n_folds=4)
+    assert set(table.index) == {"noise", "good", "mean of models", "weighted blend (weights fitted out of fold)"}
+    assert table.loss_study["good"] < table.loss_study["mean of models"] < table.loss_study["noise"]
+    assert table.loss_study["weighted blend (weights fitted out of fold)"] <= table.loss_study["good"] + 0.01
+    mixed = blend([noise, good], weights)
+    assert list(mixed.StudyInstanceUID) == list(good.StudyInstanceUID)
+    assert np.allclose(mixed[TARGETS].to_numpy(), good[TARGETS].to_numpy(), atol=0.2)

@@ -1,0 +1,107 @@
+"""Vertebra localisation: targets from masks, the ordering rules, model shapes, one training step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kernel_utils.localisation import (
+    LocalisationSettings,
+    SliceDataset,
+    VolumeDataset,
+    accuracy_table,
+    bce_loss,
+    cube_to_grid,
+    dice_ce_loss,
+    dice_per_vertebra,
+    localise_study,
+    mask_to_cube,
+)
+from kernel_utils.models import create_model
+from kernel_utils.synthetic import plan_dataset, render_study
+from kernel_utils.vertebra_targets import enforce_order, ranges_from_presence, slice_targets
+
+
+@pytest.fixture(scope="module")
+def rendered():
+    spec = next(s for s in plan_dataset(6, 0, size=48, seed=3) if not s.duplicated)
+    return render_study(spec)
+
+
+def test_targets_from_a_synthetic_mask_equal_the_truth(rendered):
+    presence, fraction = slice_targets(rendered.labels)
+    for k in range(1, 8):
+        truth = (rendered.labels == k).any(axis=(1, 2))
+        assert np.array_equal(presence[:, k - 1], truth)
+        assert fraction[:, k - 1].sum() == pytest.approx(1.0)
+    ranges = ranges_from_presence(presence)
+    centres = [0.5 * sum(ranges[k]) for k in range(1, 8)]
+    assert centres == sorted(centres)  # head first: C1 on top
+    assert ranges[2][1] > ranges[1][1] and ranges[7][1] > ranges[6][1]  # the dens may rise as high as C1
+
+
+def test_ordering_rules_repair_swaps_and_gaps():
+    ranges = {1: (0, 5), 2: (3, 12), 3: None, 4: (25, 31), 5: (2, 6), 6: (40, 46), 7: (47, 53)}
+    fixed, repairs = enforce_order(ranges)
+    assert fixed[5] is not None and fixed[3] is not None
+    assert any("C5" in r and "dropped" in r for r in repairs)
+    centres = [0.5 * sum(fixed[k]) for k in range(1, 8)]
+    assert centres == sorted(centres)
+    assert fixed[4][1] < 0.5 * sum(fixed[6])  # C5, interpolated, lies between C4 and C6
+    assert fixed[4][1] <= fixed[5][0] <= fixed[6][0]
+
+
+def test_localise_study_rows_follow_the_rules(rendered):
+    mask = rendered.labels.copy()
+    mask[mask == 4] = 0  # C4 lost by the model
+    rows, repairs = localise_study(mask, np.full(8, 0.9), rendered.slice_numbers, (len(mask), 48, 48), None, "test")
+    by = {r["vertebra"]: r for r in rows}
+    assert all(r["found"] for r in rows) and any("C4" in r for r in repairs)
+    assert by["C3"]["last"] <= by["C4"]["first"] <= by["C5"]["first"]
+    assert by["C1"]["first_slice_number"] == rendered.slice_numbers[by["C1"]["first"]]
+    assert 0 <= by["C2"]["y0"] < by["C2"]["y1"] <= 48
+
+
+def test_models_train_a_step_and_predict_shapes(rendered, tmp_path):
+    settings = LocalisationSettings.for_profile("smoke", "resnet10t")
+    images = np.repeat(rendered.hu[..., None].clip(0, 255).astype(np.uint8), 3, axis=-1)
+    study = {"uid": "a", "images": images, "mask": rendered.labels, "presence": slice_targets(rendered.labels)[0]}
+    cnn = create_model(settings.slice_cfg, 3)
+    batch = torch.utils.data.default_collate([SliceDataset([study])[i] for i in range(8)])
+    assert cnn(batch["image"]).shape == (8, 7)
+    unet = create_model(settings.seg_cfg, 3)
+    vol = VolumeDataset([study], 32)[0]
+    assert vol["image"].shape == (3, 32, 32, 32) and vol["target"].shape == (1, 32, 32, 32)
+    for model, loss_fn, b in ((cnn, bce_loss, batch),
+                              (unet, dice_ce_loss, {k: v[None] for k, v in vol.items()})):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        model.train()
+        before = float(loss_fn(model(b["image"]), b).detach())
+        for _ in range(3):
+            loss = loss_fn(model(b["image"]), b)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert float(loss_fn(model(b["image"]), b)) < before
+    assert unet(vol["image"][None]).shape == (1, 8, 32, 32, 32)
+
+
+def test_cube_round_trip_and_dice(rendered):
+    cube = mask_to_cube(rendered.labels, 32)
+    assert int(cube.max()) <= 7
+    back = cube_to_grid(cube, rendered.labels.shape)
+    assert back.shape == rendered.labels.shape
+    dice = dice_per_vertebra(np.where(rendered.labels <= 7, rendered.labels, 0), rendered.labels)
+    assert all(v == 1.0 for v in dice.values())
+
+
+def test_accuracy_table_matches_hand_count():
+    import pandas as pd
+
+    rows = [{"true_C1": t, "rf_C1": r, "cnn_C1": c, **{f"{m}_C{k}": 0.0 for m in ("rf", "cnn") for k in range(2, 8)},
+             **{f"true_C{k}": False for k in range(2, 8)}} for t, r, c in
+            [(True, 0.9, 0.2), (False, 0.6, 0.1), (True, 0.7, 0.8), (False, 0.1, 0.3)]]
+    table = accuracy_table(pd.DataFrame(rows))
+    assert table.loc["C1", "Random Forest"] == 0.75 and table.loc["C1", "CNN"] == 0.75
+    assert table.loc["Overall", "CNN"] == pytest.approx((0.75 + 6) / 7)
