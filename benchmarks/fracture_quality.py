@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
                   "seconds_per_study": {"inputs": (t1 - t0) / len(uids), "train_all_folds": (t2 - t1) / len(uids),
                                         "test_inputs": (t3 - t2) / max(len(tu), 1),
                                         "test_inference_all_folds": (t4 - t3) / max(len(tu), 1)}}
+        forms[form] = result
+        write_result(f"fracture_{args.profile}_{where}", {"forms": forms, "partial": True})
         if form == "vertebra" and len(boxes_true):
             truth_k = labels.set_index("StudyInstanceUID")
             predicted = boxes_for_studies(
@@ -128,10 +130,11 @@ def main(argv: list[str] | None = None) -> dict:
                 only=set(boxes_true.StudyInstanceUID))
             result["boxes_given_fractured_vertebrae"] = score_boxes(predicted, boxes_true)
         forms[form] = result
-    return write_result(f"fracture_{args.profile}_{where}", {
-        "profile": args.profile, "localisation": args.localisation, "localisation_seconds": loc_seconds,
-        "train_studies": len(labels), "prior_oof_loss": prior.loc["all"].drop("studies").to_dict(),
-        "forms": forms, "targets": {"vertebra_oof_loss_over_prior": 0.6, "mean_vertebra_auc": 0.9}})
+        summary = {"profile": args.profile, "localisation": args.localisation, "localisation_seconds": loc_seconds,
+                   "train_studies": len(labels), "prior_oof_loss": prior.loc["all"].drop("studies").to_dict(),
+                   "forms": forms, "targets": {"vertebra_oof_loss_over_prior": 0.6, "mean_vertebra_auc": 0.9}}
+        write_result(f"fracture_{args.profile}_{where}", summary)  # after each form: a crash keeps what was done
+    return summary
 
 
 if __name__ == "__main__":

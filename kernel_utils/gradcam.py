@@ -47,7 +47,8 @@ def vertebra_gradcam(model: nn.Module, x: torch.Tensor, vertebra: int) -> np.nda
     try:
         model.eval()
         dev = next(model.parameters()).device
-        with torch.enable_grad():
+        # cuDNN's LSTM has no backward in eval mode: the native kernels do, with the same results
+        with torch.enable_grad(), torch.backends.cudnn.flags(enabled=False):
             logits = model(x[None].to(dev).float())
             model.zero_grad(set_to_none=True)
             logits[0, vertebra - 1].backward()
