@@ -188,3 +188,23 @@ def plot_fracture_boxes(image: np.ndarray, original_size: tuple[int, int], predi
     ax.set_title(title, fontsize=9)
     ax.axis("off")
     return fig
+
+
+def plot_occlusion(volume: np.ndarray, drops: np.ndarray, title: str = ""):
+    """Occlusion sensitivity over a volume uint8 [C, D, H, W]: the depth profile, and the in-plane map of the most
+    sensitive depth block over that block's middle slice."""
+    c, d, h, w = volume.shape
+    profile = drops.max(axis=(1, 2))
+    k = int(np.argmax(profile))
+    z = min(int((k + 0.5) * d / len(profile)), d - 1)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].bar(np.arange(len(profile)) * d / len(profile), profile, width=d / len(profile), align="edge")
+    axes[0].set_xlabel("depth (slices, C1 first)")
+    axes[0].set_ylabel("logit drop")
+    axes[1].imshow(volume[min(1, c - 1), z], cmap="gray", extent=(0, w, h, 0))
+    axes[1].imshow(drops[k], cmap="jet", alpha=0.4, extent=(0, w, h, 0))
+    axes[1].set_title(f"depth {z}")
+    axes[1].axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -53,7 +53,7 @@ class FractureSettings:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         # folds, epochs, steps cap, batch, vertebra slices, crop, study slices, study size
         table = {"smoke": (2, 1, 2, 4, 5, 32, 8, 32), "demo": (3, 3, 0, 8, 9, 48, 16, 64),
-                 "bench": (5, 12, 0, 16, 15, 64, 32, 96), "full": (5, 15, 0, 8, 15, 128, 64, 256)}
+                 "bench": (5, 25, 0, 8, 15, 64, 32, 96), "full": (5, 15, 0, 8, 15, 128, 64, 256)}
         folds, epochs, steps, batch, n_v, crop, n_s, size = table[profile]
         default = {"vertebra": "tf_efficientnetv2_s" if profile == "full" else "tf_efficientnetv2_b0",
                    "study": "resnet50" if profile in ("bench", "full") else "resnet18"}[form]
@@ -94,8 +94,14 @@ def build_inputs(data_dir: str | os.PathLike, work_dir: str | os.PathLike, spec:
     return uids, inputs, metas
 
 
-def in_channels(settings: FractureSettings, inputs: list[np.ndarray]) -> int:
-    return int(inputs[0].shape[-3])
+def in_channels(settings, inputs: list[np.ndarray]) -> int:
+    """Input channels of the network: C of [..., C, H, W] inputs, or of [C, D, H, W] volumes for the ViT."""
+    return int(inputs[0].shape[0] if settings.form == "vit" else inputs[0].shape[-3])
+
+
+def _image_channels(settings, channels: int) -> int | None:
+    """How many leading channels get intensity jitter (not the mask channel of the per-vertebra form)."""
+    return {"vertebra": channels - 1, "study": channels}.get(settings.form)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -118,6 +124,8 @@ def cross_validate_fracture(uids: list[str], inputs: list[np.ndarray], labels: p
                             settings: FractureSettings, out_dir: str | os.PathLike, progress: bool = True) -> dict:
     """Train one model per fold (folds stratified by the labels, grouped by study) and predict its held-out fold.
 
+    Serves every study-level model: the CNN + BiLSTM forms here and the ViT of notebook 04 (`ViTSettings`).
+
     Returns:
         oof: wide out-of-fold predictions (patient_overall by the mode chosen); raw_oof: [N, 8] sigmoid outputs;
         patient_mode, patient_scores (loss of each mode); scores: loss per fold and overall, both
@@ -130,7 +138,7 @@ def cross_validate_fracture(uids: list[str], inputs: list[np.ndarray], labels: p
     raw = np.zeros((len(uids), 8), dtype=np.float32)
     histories = []
     channels = in_channels(settings, inputs)
-    image_channels = channels - 1 if settings.form == "vertebra" else channels
+    image_channels = _image_channels(settings, channels)
     for k in sorted(set(fold_of)):
         tr, va = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
         model = create_model(settings.cfg, channels)
@@ -168,6 +176,27 @@ def predict_fracture(models: list[torch.nn.Module], uids: list[str], inputs: lis
     ds = FractureDataset(inputs, None)
     probs = np.mean([_sigmoid(predict(m, ds, batch_size=settings.cfg.batch_size)) for m in models], axis=0)
     return _wide(uids, with_patient_mode(probs, patient_mode))
+
+
+def loss_accuracy_table(cv: dict, uids: list[str], inputs: list[np.ndarray], labels: pd.DataFrame,
+                        models: list[torch.nn.Module], settings) -> pd.DataFrame:
+    """Seed 004's table per fold: train and validation loss (competition metric) and accuracy (labels at 0.5)."""
+    truth = labels.set_index("StudyInstanceUID").loc[uids, TARGETS].reset_index()
+    folds = np.array([cv["folds"][u] for u in uids])
+    rows = []
+    for k, model in enumerate(models):
+        tr = np.flatnonzero(folds != k)
+        train_pred = predict_fracture([model], [uids[i] for i in tr], [inputs[i] for i in tr], settings,
+                                      cv["patient_mode"])
+        valid_pred = cv["oof"][cv["oof"].fold == k]
+        row = {"fold": k}
+        for name, pred in (("train", train_pred), ("validation", valid_pred)):
+            t = truth[truth.StudyInstanceUID.isin(pred.StudyInstanceUID)]
+            p = pred.set_index("StudyInstanceUID").loc[t.StudyInstanceUID, TARGETS].to_numpy()
+            row[f"{name} loss"] = competition_loss(t, pred)
+            row[f"{name} accuracy"] = float(((p >= 0.5) == (t[TARGETS].to_numpy() > 0.5)).mean())
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("fold")
 
 
 def save_predictions(work_dir: str | os.PathLike, settings: FractureSettings, oof: pd.DataFrame,

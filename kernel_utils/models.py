@@ -30,6 +30,7 @@ def register(stage: str):
 def create_model(cfg: TrainConfig, in_channels: int) -> nn.Module:
     """The network of `cfg.stage`, with `cfg.pretrained_path` loaded into its backbone when given."""
     import kernel_utils.fracture_models  # noqa: F401  (registers the fracture networks)
+    import kernel_utils.vit  # noqa: F401  (registers the 3D ViT)
 
     if cfg.stage not in REGISTRY:
         raise ValueError(f"unknown stage {cfg.stage!r}; registered: {sorted(REGISTRY)}")

@@ -195,11 +195,11 @@ def _sample_fractures(rng: np.random.Generator, v: Vertebra, difficulty: float) 
         normal /= np.linalg.norm(normal)
         direction = rng.normal(size=3)
         direction /= np.linalg.norm(direction)
-        shift = direction * _lerp(2.5, 0.3, difficulty) * rng.uniform(0.3, 1.0)
-        out.append(Fracture(
+        shift = direction * _lerp(3.0, 0.3, difficulty) * rng.uniform(0.3, 1.0)
+        out.append(Fracture(  # a lucent line (blood and soft tissue), darker than cancellous bone at any difficulty
             label=v.label, point=(v.cx + px, v.cy + py, pz), normal=tuple(normal.tolist()),
-            radius=rng.uniform(8.0, 13.0), width=_lerp(2.6, 0.7, difficulty) * rng.uniform(0.85, 1.15),
-            shift=tuple(shift.tolist()), gap_hu=_lerp(MUSCLE, 450.0, difficulty)))
+            radius=rng.uniform(8.0, 13.0), width=_lerp(3.0, 0.7, difficulty) * rng.uniform(0.85, 1.15),
+            shift=tuple(shift.tolist()), gap_hu=_lerp(-50.0, 180.0, difficulty)))
     return out
 
 
