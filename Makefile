@@ -33,6 +33,9 @@ bench: setup
 lint: setup
 	$(BIN)/ruff check .
 
+kaggle-bundle: setup
+	$(BIN)/python -m kernel_utils.bundle --work-dir "$(WORK_DIR)" --out dist/kaggle --wheels
+
 clean:
 	rm -rf "$(WORK_DIR)" .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -7,7 +7,6 @@ Outputs under `WORK_DIR/localisation/`: `vertebrae.csv` (one row per study and v
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -346,5 +345,10 @@ def write_localisation(masks_dir: Path, uid: str, mask: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def settings_json(settings: LocalisationSettings) -> str:
-    return json.dumps(dataclasses.asdict(settings), indent=1, default=str)
+def save_localisation_meta(out_dir: str | os.PathLike, settings: LocalisationSettings, n_folds: int) -> Path:
+    """`localisation.json`: the configs and the number of folds trained, for inference without notebook 02."""
+    path = Path(out_dir) / "localisation.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"slice_cfg": settings.slice_cfg.to_json(), "seg_cfg": settings.seg_cfg.to_json(),
+                                "seg_size": settings.seg_size, "n_folds": n_folds}, indent=1, default=str))
+    return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import papermill as pm
 import pytest
 
@@ -38,3 +39,28 @@ def test_notebook_runs_on_smoke_data(notebook, smoke_dir, work_dir):
     if notebook.name.startswith("01_"):
         assert (work_dir / "preprocess_summary.csv").exists()
         assert len(list((work_dir / "cache").glob("*/*.npz"))) == 16
+
+
+def test_kaggle_bundle_runs_alone(work_dir, smoke_dir, tmp_path):
+    """The bundle holds what its notebook imports, and the notebook writes a valid submission from it alone."""
+    import subprocess
+    import sys
+
+    from kernel_utils.bundle import make_bundle
+    from kernel_utils.submission import validate_submission
+
+    out = make_bundle(work_dir, tmp_path / "kaggle")
+    dataset = out / "dataset"
+    assert (dataset / "work" / "predictions" / "ensemble.json").exists()
+    assert list((dataset / "work").rglob("*_best.pt"))
+    assert json.loads((out / "kernel" / "kernel-metadata.json").read_text())["enable_internet"] is False
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import kernel_utils.submit, kernel_utils; "
+             "print(kernel_utils.__file__)")
+    found = subprocess.run([sys.executable, "-c", probe, str(dataset)], capture_output=True, text=True, check=True)
+    assert found.stdout.strip().startswith(str(dataset))
+    kernel_work = tmp_path / "kernel_work"
+    pm.execute_notebook(str(out / "kernel" / "submission.ipynb"), str(tmp_path / "executed.ipynb"),
+                        parameters={"BUNDLE_DIR": str(dataset), "DATA_DIR": str(smoke_dir),
+                                    "WORK_DIR": str(kernel_work)}, progress_bar=False, kernel_name="python3")
+    validate_submission(kernel_work / "submission.csv", smoke_dir / "test.csv")
+    assert len(pd.read_csv(kernel_work / "submission.csv")) == len(pd.read_csv(smoke_dir / "test.csv"))

@@ -1,0 +1,143 @@
+"""Inference only, for a Kaggle submission kernel: trained weights in, submission.csv out.
+
+Every test study is preprocessed once through the same cache and loaders, localised with the fold models of
+notebook 02, predicted by every fold of every model of notebooks 03 and 04, blended with the weights notebook 05
+chose (`predictions/ensemble.json`), and written with the submission writer; a study that cannot be read gets the
+training prior. The projected hidden-test time is printed before the long part starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kernel_utils.cache import CacheSpec, build_cache, iter_cached
+from kernel_utils.ensemble import blend
+from kernel_utils.fracture import FractureSettings, build_inputs, load_fold_models, predict_fracture
+from kernel_utils.localisation import LocalisationSettings, localise_all
+from kernel_utils.metric import TARGETS
+from kernel_utils.models import create_model
+from kernel_utils.submission import write_submission
+from kernel_utils.training import TrainConfig, load_best
+from kernel_utils.vit import ViTSettings, build_volumes
+
+log = logging.getLogger(__name__)
+HIDDEN_TEST_STUDIES = 1500
+KAGGLE_LIMIT_HOURS = 9.0
+
+
+def save_ensemble(work_dir: str | os.PathLike, names: list[str], weights: np.ndarray, choice: str,
+                  prior: dict[str, float], cache: CacheSpec) -> Path:
+    """`predictions/ensemble.json`: the blend, the prior and the cache; with `localisation/localisation.json` and
+    `predictions/<model>.json` it is everything inference needs besides the weights files."""
+    path = Path(work_dir) / "predictions" / "ensemble.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "models": names, "weights": np.asarray(weights).tolist(), "choice": choice, "prior": prior,
+        "cache": {"image_size": cache.image_size, "crop": cache.crop, "compress": cache.compress,
+                  "windows": [[w.name, w.level, w.width] for w in cache.windows]}}, indent=1))
+    return path
+
+
+def _cache_spec(meta: dict) -> CacheSpec:
+    from kernel_utils.windowing import Window
+
+    c = meta["cache"]
+    return CacheSpec(windows=tuple(Window(*w) for w in c["windows"]), image_size=c["image_size"], crop=c["crop"],
+                     compress=c["compress"])
+
+
+def _model_settings(meta: dict):
+    cfg = TrainConfig.from_json(meta["config"])
+    if meta["form"] == "vit":
+        return ViTSettings(cfg, meta["n_folds"])
+    return FractureSettings(meta["form"], cfg, meta["n_folds"])
+
+
+def predict_test(data_dir: str | os.PathLike, work_dir: str | os.PathLike, out_path: str | os.PathLike | None = None,
+                 workers: int = 2) -> pd.DataFrame:
+    """Run the whole inference chain on `data_dir`'s test studies with the weights under `work_dir`.
+
+    Returns:
+        The written submission (row_id, fractured); also `work_dir/submission.csv` unless out_path says otherwise.
+    """
+    data_dir, work_dir = Path(data_dir), Path(work_dir)
+    meta = json.loads((work_dir / "predictions" / "ensemble.json").read_text())
+    spec = _cache_spec(meta)
+    studies = sorted(p.name for p in (data_dir / "test_images").iterdir() if p.is_dir()) \
+        if (data_dir / "test_images").is_dir() else []
+    start = time.perf_counter()
+    first = build_cache(data_dir, work_dir, "test", spec, workers=1, uids=studies[:1], progress=False)
+    per_study_load = time.perf_counter() - start
+    print(f"{len(studies)} test studies; loading one took {per_study_load:.2f} s: "
+          f"{HIDDEN_TEST_STUDIES} studies would take {HIDDEN_TEST_STUDIES * per_study_load / 3600 / workers:.2f} h "
+          f"to load with {workers} workers (limit {KAGGLE_LIMIT_HOURS} h for everything)", flush=True)
+    del first
+    build_cache(data_dir, work_dir, "test", spec, workers=workers)
+    loc = json.loads((work_dir / "localisation" / "localisation.json").read_text())
+    loc_settings = LocalisationSettings(loc["n_folds"], TrainConfig.from_json(loc["slice_cfg"]),
+                                        TrainConfig.from_json(loc["seg_cfg"]), loc["seg_size"])
+    models_dir = work_dir / "localisation" / "models"
+    channels = len(spec.windows)
+    unets = [load_best(create_model(loc_settings.seg_cfg, channels), models_dir, loc_settings.seg_cfg, k)
+             for k in range(loc["n_folds"])]
+    cnns = [load_best(create_model(loc_settings.slice_cfg, channels), models_dir, loc_settings.slice_cfg, k)
+            for k in range(loc["n_folds"])]
+    t0 = time.perf_counter()
+    localise_all(iter_cached(data_dir, work_dir, spec, ("test",)), unets, cnns, {}, loc_settings,
+                 work_dir / "localisation_test", crop=spec.crop)
+    stage_seconds = {"load_and_window": per_study_load, "localise": (time.perf_counter() - t0) / max(len(studies), 1)}
+    _merge_localisation(work_dir)
+    tests = {}
+    for name in meta["models"]:
+        if name == "prior":
+            continue
+        model_meta = json.loads((work_dir / "predictions" / f"{name}.json").read_text())
+        settings = _model_settings(model_meta)
+        t0 = time.perf_counter()
+        if settings.form == "vit":
+            uids, inputs = build_volumes(data_dir, work_dir, spec, settings, "test")
+            folder = work_dir / "models" / "vit"
+        else:
+            uids, inputs, _ = build_inputs(data_dir, work_dir, spec, settings, "test")
+            folder = work_dir / "models" / "fracture"
+        models = load_fold_models(settings, _channels(settings, inputs), folder, settings.n_folds)
+        tests[name] = predict_fracture(models, uids, inputs, settings, model_meta.get("patient_mode", "head"))
+        stage_seconds[name] = (time.perf_counter() - t0) / max(len(uids), 1)
+    total = sum(stage_seconds.values())
+    print("seconds per study by stage:", {k: round(v, 3) for k, v in stage_seconds.items()},
+          f"-> {HIDDEN_TEST_STUDIES} studies: {HIDDEN_TEST_STUDIES * total / 3600:.2f} h", flush=True)
+    uids = next(iter(tests.values())).StudyInstanceUID if tests else pd.Series(studies)
+    from kernel_utils.baseline import predict_constant
+
+    tests["prior"] = predict_constant(meta["prior"], uids)
+    ordered = [tests[n] for n in meta["models"]]
+    final = blend(ordered, np.asarray(meta["weights"])) if len(ordered) > 1 else ordered[0]
+    return write_submission(final[["StudyInstanceUID", *TARGETS]], data_dir / "test.csv",
+                            out_path or work_dir / "submission.csv", fallback=meta["prior"])
+
+
+def _channels(settings, inputs) -> int:
+    from kernel_utils.fracture import in_channels
+
+    return in_channels(settings, inputs)
+
+
+def _merge_localisation(work_dir: Path) -> None:
+    """Put the test localisation beside the training one, where build_inputs and build_volumes look."""
+    test_dir, main = work_dir / "localisation_test", work_dir / "localisation"
+    (main / "masks").mkdir(parents=True, exist_ok=True)
+    for mask in (test_dir / "masks").glob("*.npz"):
+        os.replace(mask, main / "masks" / mask.name)
+    rows = pd.read_csv(test_dir / "vertebrae.csv")
+    table = main / "vertebrae.csv"
+    if table.exists():
+        old = pd.read_csv(table)
+        rows = pd.concat([old[~old.StudyInstanceUID.isin(rows.StudyInstanceUID)], rows], ignore_index=True)
+    rows.to_csv(table, index=False)
