@@ -83,7 +83,7 @@ def test_models_train_a_step_and_predict_shapes(rendered, tmp_path):
             opt.zero_grad()
             loss.backward()
             opt.step()
-        assert float(loss_fn(model(b["image"]), b)) < before
+        assert float(loss_fn(model(b["image"]), b).detach()) < before
     assert unet(vol["image"][None]).shape == (1, 8, 32, 32, 32)
 
 
