@@ -33,4 +33,22 @@ def dicom_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.dcm"), key=lambda p: int(p.stem))
 
 
+def one_step_lowers_loss(model, x, target, evaluate_in_eval_mode: bool = False) -> tuple[float, float]:
+    """(loss before, loss after) one AdamW step of the competition loss on a fixed batch."""
+    import torch
+
+    from kernel_utils.fracture_models import competition_bce
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    before = float(competition_bce(model(x), target).detach())
+    loss = competition_bce(model(x), target)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    if evaluate_in_eval_mode:
+        model.eval()
+    return before, float(competition_bce(model(x), target).detach())
+
+
 os.environ.setdefault("MPLBACKEND", "Agg")

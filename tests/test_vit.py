@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import one_step_lowers_loss
 
 from kernel_utils.fracture_data import evenly_spaced
-from kernel_utils.fracture_models import competition_bce
 from kernel_utils.models import create_model
 from kernel_utils.vit import ViTSettings, occlusion_map, study_volume, vertebra_volume
 
@@ -26,15 +26,8 @@ def test_one_training_step_lowers_the_loss():
     model = create_model(settings.cfg, 3)
     x = torch.rand(2, 3, settings.depth, 32, 32)
     target = torch.tensor([[0, 1, 0, 0, 0, 0, 0, 1], [0] * 8], dtype=torch.float32)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model.train()
-    before = float(competition_bce(model(x), target).detach())
-    loss = competition_bce(model(x), target)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    model.eval()
-    assert float(competition_bce(model(x), target).detach()) < before
+    before, after = one_step_lowers_loss(model, x, target, evaluate_in_eval_mode=True)
+    assert after < before
 
 
 def test_vertebra_volume_picks_the_ranges():
