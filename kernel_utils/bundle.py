@@ -46,9 +46,11 @@ def copy_weights(work_dir: Path, dest: Path) -> list[Path]:
 def download_wheels(dest: Path, python_version: str = "3.11") -> None:
     """Wheels of KAGGLE_REQUIREMENTS and their dependencies for the Kaggle image (manylinux x86_64)."""
     dest.mkdir(parents=True, exist_ok=True)
+    tags = ["manylinux2014_x86_64"] + [f"manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28, 31, 34, 35)]  # glibc 2.35
+    platforms = [arg for tag in tags for arg in ("--platform", tag)]
     subprocess.run([sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--python-version", python_version,
-                    "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_28_x86_64",
-                    "--implementation", "cp", "-d", str(dest), *KAGGLE_REQUIREMENTS, "--no-deps"], check=True)
+                    *platforms, "--implementation", "cp", "-d", str(dest), *KAGGLE_REQUIREMENTS, "--no-deps"],
+                   check=True)
 
 
 def submission_notebook(slug: str) -> nbformat.NotebookNode:
