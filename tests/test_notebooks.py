@@ -17,6 +17,25 @@ def work_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("work")
 
 
+@pytest.fixture(scope="module")
+def executed(smoke_dir, work_dir) -> dict[str, Exception | None]:
+    """Every notebook run once, in order, on the smoke data in one work dir: name -> the error it raised, or None.
+
+    Each notebook's test reads its entry, so any one of them (or the bundle test) can run alone.
+    """
+    results: dict[str, Exception | None] = {}
+    (work_dir / "executed").mkdir(exist_ok=True)
+    for notebook in NOTEBOOKS:
+        try:
+            pm.execute_notebook(str(notebook), str(work_dir / "executed" / notebook.name), parameters={
+                "DATA_DIR": str(smoke_dir), "WORK_DIR": str(work_dir), "PROFILE": "smoke"},
+                cwd=str(notebook.parent), progress_bar=False, kernel_name="python3")
+            results[notebook.name] = None
+        except Exception as e:  # reported by that notebook's own test
+            results[notebook.name] = e
+    return results
+
+
 def test_notebooks_are_committed_clean_with_parameters():
     assert NOTEBOOKS, "no notebooks found"
     for path in NOTEBOOKS:
@@ -30,19 +49,18 @@ def test_notebooks_are_committed_clean_with_parameters():
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_on_smoke_data(notebook, smoke_dir, work_dir):
-    out = work_dir / "executed" / notebook.name
-    out.parent.mkdir(exist_ok=True)
-    pm.execute_notebook(str(notebook), str(out), parameters={
-        "DATA_DIR": str(smoke_dir), "WORK_DIR": str(work_dir), "PROFILE": "smoke"},
-        cwd=str(notebook.parent), progress_bar=False, kernel_name="python3")
+def test_notebook_runs_on_smoke_data(notebook, executed, work_dir):
+    if executed[notebook.name] is not None:
+        raise executed[notebook.name]
+    assert (work_dir / "executed" / notebook.name).exists()
     if notebook.name.startswith("01_"):
         assert (work_dir / "preprocess_summary.csv").exists()
         assert len(list((work_dir / "cache").glob("*/*.npz"))) == 16
 
 
-def test_kaggle_bundle_runs_alone(work_dir, smoke_dir, tmp_path):
+def test_kaggle_bundle_runs_alone(executed, work_dir, smoke_dir, tmp_path):
     """The bundle holds what its notebook imports, and the notebook writes a valid submission from it alone."""
+    assert all(error is None for error in executed.values())
     import subprocess
     import sys
 
