@@ -98,3 +98,14 @@ def compare(labels: pd.DataFrame, oofs: dict[str, pd.DataFrame], n_folds: int = 
         pred = pd.DataFrame(arr, columns=TARGETS).assign(StudyInstanceUID=uids)
         table.append({"model": name, **{f"loss_{n}": competition_loss(truth, pred, n) for n in NORMALIZATIONS}})
     return pd.DataFrame(table).set_index("model"), fit_weights(y, p, sw, step)
+
+
+def chosen_weights(table: pd.DataFrame, fitted: np.ndarray, names: list[str]) -> tuple[str, np.ndarray]:
+    """The row of `compare`'s table with the lowest per-study loss, as blend weights [8, M] over `names`:
+    the fitted weights for the blend, equal weights for the mean, a one-hot column for a single model."""
+    choice = str(table.loss_study.idxmin())
+    if choice == "weighted blend (weights fitted out of fold)":
+        return choice, fitted
+    if choice == "mean of models":
+        return choice, np.full((8, len(names)), 1 / len(names))
+    return choice, np.array([[float(n == choice) for n in names]] * 8)

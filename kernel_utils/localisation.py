@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,8 +172,6 @@ def cross_validate(studies: list[dict], settings: LocalisationSettings, out_dir:
     folds = study_folds([s["uid"] for s in studies], n_folds)
     slice_rows, dice_rows, histories = [], [], []
     seconds = {"random_forest": 0.0, "cnn": 0.0, "unet3d": 0.0}
-    import time
-
     for k in tqdm(range(n_folds), desc="localisation folds", disable=not progress):
         train = [s for s in studies if folds[s["uid"]] != k]
         valid = [s for s in studies if folds[s["uid"]] == k]

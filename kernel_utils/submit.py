@@ -73,12 +73,11 @@ def predict_test(data_dir: str | os.PathLike, work_dir: str | os.PathLike, out_p
     studies = sorted(p.name for p in (data_dir / "test_images").iterdir() if p.is_dir()) \
         if (data_dir / "test_images").is_dir() else []
     start = time.perf_counter()
-    first = build_cache(data_dir, work_dir, "test", spec, workers=1, uids=studies[:1], progress=False)
+    build_cache(data_dir, work_dir, "test", spec, workers=1, uids=studies[:1], progress=False)  # time one study
     per_study_load = time.perf_counter() - start
     print(f"{len(studies)} test studies; loading one took {per_study_load:.2f} s: "
           f"{HIDDEN_TEST_STUDIES} studies would take {HIDDEN_TEST_STUDIES * per_study_load / 3600 / workers:.2f} h "
           f"to load with {workers} workers (limit {KAGGLE_LIMIT_HOURS} h for everything)", flush=True)
-    del first
     build_cache(data_dir, work_dir, "test", spec, workers=workers)
     loc = json.loads((work_dir / "localisation" / "localisation.json").read_text())
     loc_settings = LocalisationSettings(loc["n_folds"], TrainConfig.from_json(loc["slice_cfg"]),

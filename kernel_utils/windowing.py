@@ -45,12 +45,6 @@ def packed_lut(windows: tuple[Window, ...]) -> np.ndarray:
     return lut
 
 
-def apply_windows(hu: np.ndarray, lut: np.ndarray, n_channels: int) -> np.ndarray:
-    """int16 HU [..., H, W] -> uint8 [..., H, W, n_channels] through a `packed_lut`."""
-    packed = np.take(np.roll(lut, 32768), np.ascontiguousarray(hu, dtype=np.int16).view(np.uint16))
-    return packed.view(np.uint8).reshape(*hu.shape, 4)[..., :n_channels]
-
-
 class SliceWindower:
     """Window then resize one slice at a time: int16 HU [H, W] -> uint8 [out_h, out_w, C].
 
@@ -80,7 +74,8 @@ class SliceWindower:
 
 def window_slices(hu: np.ndarray, windows: tuple[Window, ...] = SEED002_WINDOWS) -> np.ndarray:
     """int16 HU [Z, H, W] -> uint8 [Z, H, W, C], one channel per window."""
-    return apply_windows(hu, packed_lut(windows), len(windows))
+    windower = SliceWindower(windows)
+    return np.stack([windower(np.asarray(s, dtype=np.int16)) for s in hu])
 
 
 def otsu_crop_box(hu: np.ndarray, margin: float = 0.05, square: bool = True) -> tuple[int, int, int, int]:

@@ -40,3 +40,17 @@ def test_comparison_table_and_blend():
     mixed = blend([noise, good], weights)
     assert list(mixed.StudyInstanceUID) == list(good.StudyInstanceUID)
     assert np.allclose(mixed[TARGETS].to_numpy(), good[TARGETS].to_numpy(), atol=0.2)
+
+
+def test_chosen_weights_follow_the_best_row():
+    from kernel_utils.ensemble import chosen_weights
+
+    fitted = np.tile([0.3, 0.7], (8, 1))
+    table = pd.DataFrame({"loss_study": [0.5, 0.4, 0.45, 0.42]},
+                         index=["a", "b", "mean of models", "weighted blend (weights fitted out of fold)"])
+    choice, w = chosen_weights(table, fitted, ["a", "b"])
+    assert choice == "b" and (w == [0.0, 1.0]).all()
+    choice, w = chosen_weights(table.assign(loss_study=[0.5, 0.6, 0.45, 0.3]), fitted, ["a", "b"])
+    assert choice.startswith("weighted") and np.array_equal(w, fitted)
+    choice, w = chosen_weights(table.assign(loss_study=[0.5, 0.6, 0.2, 0.3]), fitted, ["a", "b"])
+    assert choice == "mean of models" and np.allclose(w, 0.5)
