@@ -13,6 +13,16 @@ REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 SMOKE_ARGS = dict(n_train=12, n_test=4, size=64, seed=0, difficulty=0.5)
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same torch and numpy global seeds, whatever ran before it."""
+    import numpy as np
+    import torch
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
 @pytest.fixture(scope="session")
 def smoke_dir(tmp_path_factory) -> Path:
     """12 train + 4 test studies at 64x64 with every quirk, in the competition layout."""
@@ -33,22 +43,35 @@ def dicom_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.dcm"), key=lambda p: int(p.stem))
 
 
-def one_step_lowers_loss(model, x, target, evaluate_in_eval_mode: bool = False) -> tuple[float, float]:
-    """(loss before, loss after) one AdamW step of the competition loss on a fixed batch."""
+def one_step_lowers_loss(model, x, target, evaluate_in_eval_mode: bool = False,
+                         lr: float = 1e-3) -> tuple[float, float]:
+    """(loss before, loss after) one AdamW step of the competition loss on a fixed batch.
+
+    With ``evaluate_in_eval_mode`` both losses are measured in eval mode (no dropout), so the
+    comparison is between the same deterministic function before and after the step; the step
+    itself is taken in train mode. Seeded, so the outcome does not depend on test order.
+    """
     import torch
 
     from kernel_utils.fracture_models import competition_bce
 
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+
+    def measure() -> float:
+        model.eval() if evaluate_in_eval_mode else model.train()
+        with torch.no_grad():
+            torch.manual_seed(1)
+            return float(competition_bce(model(x), target))
+
+    before = measure()
     model.train()
-    before = float(competition_bce(model(x), target).detach())
+    torch.manual_seed(2)
     loss = competition_bce(model(x), target)
     opt.zero_grad()
     loss.backward()
     opt.step()
-    if evaluate_in_eval_mode:
-        model.eval()
-    return before, float(competition_bce(model(x), target).detach())
+    return before, measure()
 
 
 os.environ.setdefault("MPLBACKEND", "Agg")

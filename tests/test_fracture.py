@@ -41,6 +41,7 @@ def test_loss_equals_the_competition_metric_on_a_hand_made_batch():
 
 
 def test_one_training_step_lowers_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
     settings = FractureSettings.for_profile("smoke", "vertebra", "resnet10t")
     model = create_model(settings.cfg, 4)
     x = torch.rand(2, 7, 3, 4, 32, 32)

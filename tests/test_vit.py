@@ -22,11 +22,14 @@ def test_forward_shapes(profile):
 
 
 def test_one_training_step_lowers_the_loss():
+    torch.manual_seed(0)
     settings = ViTSettings.for_profile("smoke")
     model = create_model(settings.cfg, 3)
     x = torch.rand(2, 3, settings.depth, 32, 32)
     target = torch.tensor([[0, 1, 0, 0, 0, 0, 0, 1], [0] * 8], dtype=torch.float32)
-    before, after = one_step_lowers_loss(model, x, target, evaluate_in_eval_mode=True)
+    # Adam's first step moves every weight by about lr; at 1e-3 or 3e-4 (the ViT's peak rate, reached after the
+    # warm-up in training) one such step overshoots on 5 of 30 initialisations, at 1e-4 on none of them.
+    before, after = one_step_lowers_loss(model, x, target, evaluate_in_eval_mode=True, lr=1e-4)
     assert after < before
 
 
