@@ -27,13 +27,21 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from kernel_utils.dicom_io import Study, load_study
+from kernel_utils.dicom_io import SliceHeader, in_head_first_order, list_slices, scan_study
 from kernel_utils.nifti_align import load_segmentation
-from kernel_utils.windowing import SEED002_WINDOWS, SliceWindower, Window, otsu_crop_box, resize_slices
+from kernel_utils.windowing import (
+    SEED002_WINDOWS,
+    SliceWindower,
+    Window,
+    gross_bone,
+    otsu_box,
+    otsu_picks,
+    resize_slices,
+)
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the Otsu projection averages evenly spaced files (in file order)
 REQUIRED_KEYS = ("images", "z", "slice_numbers", "spacing", "original_shape", "crop_box", "meta")
 
 
@@ -83,35 +91,69 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def preprocess_study(study: Study, spec: CacheSpec, segmentation: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Window, crop and resize a loaded study into the arrays of one cache entry.
+def window_study(study_dir: str | os.PathLike, spec: CacheSpec, segmentation_path: str | os.PathLike | None = None,
+                 decoder: str = "auto") -> dict[str, np.ndarray]:
+    """Read a study once and window every slice as it is read: the arrays of one cache entry.
+
+    No HU volume is made: each file's stored values go through a window table with its rescale folded in
+    (`SliceWindower.stored_lut`), straight into the output slice. With `spec.crop` the stored slices are kept
+    (one int16 volume) until the study's Otsu box is known.
 
     Returns:
-        images uint8 [Z, S, S, C]; z, slice_numbers [Z]; spacing (dz, dy, dx) of the cached pixels;
+        images uint8 [Z, S, S, C] head first; z, slice_numbers [Z]; spacing (dz, dy, dx) of the cached pixels;
         original_shape (Z, H, W); crop_box (y0, y1, x0, x1) in original pixels (always the Otsu box);
-        mask uint8 [Z, S, S] when a segmentation is given; meta (JSON text).
+        xy [Z, 2]; mask uint8 [Z, S, S] when the segmentation exists; meta (JSON text).
     """
-    z_n, h, w = study.hu.shape
-    box = otsu_crop_box(study.hu)
-    y0, y1, x0, x1 = box if spec.crop else (0, h, 0, w)
-    side = spec.image_size
-    out_h, out_w = (side, side) if side else (y1 - y0, x1 - x0)
+    files = list_slices(study_dir)
+    n = len(files)
     windower = SliceWindower(spec.windows)
-    images = np.empty((z_n, out_h, out_w, windower.n_channels), dtype=np.uint8)
-    for k in range(z_n):  # slice by slice: small temporaries, bounded memory
-        windower(study.hu[k, y0:y1, x0:x1], out_h, out_w, out=images[k])
-    dz, dy, dx = study.spacing
+    picks = set(otsu_picks(n).tolist())
+    side = spec.image_size
+    state: dict = {}
+    bone_tables: dict = {}
+
+    def on_slice(k: int, raw: np.ndarray, header: SliceHeader) -> None:
+        if not state:
+            h, w = header.rows, header.cols
+            state["projection"] = np.zeros(((h + 1) // 2, (w + 1) // 2), dtype=np.float32)
+            if spec.crop:
+                state["stored"], state["rescales"] = np.empty((n, h, w), dtype=np.int16), [None] * n
+            else:
+                state["images"] = np.empty((n, side or h, side or w, windower.n_channels), dtype=np.uint8)
+        if k in picks:  # the gross-bone window of the stored values through a table, at half resolution
+            if header.rescale not in bone_tables:
+                bone_tables[header.rescale] = gross_bone(header.rescale.hu_table())
+            state["projection"] += np.take(bone_tables[header.rescale], raw[::2, ::2].view(np.uint16))
+        if spec.crop:
+            state["stored"][k] = raw.view(np.int16)
+            state["rescales"][k] = header.rescale
+        else:
+            windower(raw, side, side, out=state["images"][k], rescale=header.rescale)
+
+    info = scan_study(study_dir, on_slice, decoder, files)
+    box = otsu_box(state["projection"] / len(picks), (info.rows, info.cols))
+    y0, y1, x0, x1 = box if spec.crop else (0, info.rows, 0, info.cols)
+    out_h, out_w = (side, side) if side else (y1 - y0, x1 - x0)
+    if spec.crop:
+        images = np.empty((len(info.order), out_h, out_w, windower.n_channels), dtype=np.uint8)
+        for j, k in enumerate(info.order):
+            windower(state["stored"][k, y0:y1, x0:x1], out_h, out_w, out=images[j], rescale=state["rescales"][k])
+    else:
+        images = in_head_first_order(state["images"], info.order)
+    dz, dy, dx = info.spacing
     arrays = {
-        "images": images, "z": study.z, "slice_numbers": study.slice_numbers,
+        "images": images, "z": info.z, "slice_numbers": info.slice_numbers,
         "spacing": np.array([dz, dy * (y1 - y0) / out_h, dx * (x1 - x0) / out_w]),
-        "original_shape": np.array(study.hu.shape), "crop_box": np.array(box), "xy": study.xy,
+        "original_shape": np.array(info.shape), "crop_box": np.array(box), "xy": info.xy,
     }
-    if segmentation is not None:
-        mask = segmentation[:, y0:y1, x0:x1]
+    has_mask = segmentation_path is not None and Path(segmentation_path).exists()
+    if has_mask:
+        mask = load_segmentation(segmentation_path, info)[:, y0:y1, x0:x1]
         arrays["mask"] = resize_slices(mask, out_h, nearest=True) if side else mask
-    meta = {"uid": study.uid, "transfer_syntax": study.transfer_syntax, "n_files": study.n_files,
-            "duplicates_dropped": study.duplicates_dropped, "reversed": study.reversed, "decoder": study.decoder,
-            "n_slices": z_n, "rows": h, "cols": w, "has_mask": segmentation is not None}
+    meta = {"uid": info.uid, "transfer_syntax": info.transfer_syntax, "n_files": info.n_files,
+            "duplicates_dropped": info.duplicates_dropped, "reversed": info.reversed, "decoder": info.decoder,
+            "n_slices": len(info.order), "rows": info.rows, "cols": info.cols, "has_mask": has_mask,
+            "warnings": "; ".join(info.warnings)}
     arrays["meta"] = np.array(json.dumps(meta))
     return arrays
 
@@ -182,15 +224,10 @@ def build_entry(study_dir: Path, spec: CacheSpec, folder: Path, segmentation_pat
     if path.exists():
         path.unlink()
     try:
-        study = load_study(study_dir)
-        seg = None
-        if segmentation_path is not None and segmentation_path.exists():
-            seg = load_segmentation(segmentation_path, study)
-        arrays = preprocess_study(study, spec, seg)
+        arrays = window_study(study_dir, spec, segmentation_path)
         write_entry(path, arrays, spec.compress)
         meta = json.loads(str(arrays["meta"]))
-        return {**row, **meta, "status": "built", "warnings": "; ".join(study.warnings),
-                "seconds": time.perf_counter() - start}
+        return {**row, **meta, "status": "built", "seconds": time.perf_counter() - start}
     except Exception as e:
         log.warning("%s: %s", uid, e)
         return {**row, "status": "failed", "error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - start}
@@ -275,27 +312,6 @@ def _build_job(job: tuple) -> dict:
     return build_entry(*job)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Build the preprocessing cache of one split.")
-    ap.add_argument("--data-dir", required=True)
-    ap.add_argument("--work-dir", required=True)
-    ap.add_argument("--split", default="train", choices=["train", "test"])
-    ap.add_argument("--image-size", type=int, default=256, help="0 keeps the native size")
-    ap.add_argument("--crop", action="store_true", help="crop to the Otsu box before resizing")
-    ap.add_argument("--compress", action="store_true")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--shard", default=None, help="k/n: process every n-th study starting at the k-th")
-    args = ap.parse_args(argv)
-    spec = CacheSpec(image_size=args.image_size or None, crop=args.crop, compress=args.compress)
-    summary = build_cache(args.data_dir, args.work_dir, args.split, spec, args.workers, args.shard)
-    print(summary.status.value_counts().to_string())
-    print(f"cache: {cache_dir(args.work_dir, spec)}")
-
-
-if __name__ == "__main__":
-    main()
-
-
 def profile_cache_spec(profile_name: str) -> CacheSpec:
     """The cache every notebook of a run shares: the profile's image size and compression."""
     from kernel_utils.config import get_profile
@@ -323,3 +339,24 @@ def iter_cached(data_dir: str | os.PathLike, work_dir: str | os.PathLike, spec: 
                 log.warning("%s: skipped (%s)", study_dir.name, e)
                 continue
             yield split, study_dir.name, entry
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Build the preprocessing cache of one split.")
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--work-dir", required=True)
+    ap.add_argument("--split", default="train", choices=["train", "test"])
+    ap.add_argument("--image-size", type=int, default=256, help="0 keeps the native size")
+    ap.add_argument("--crop", action="store_true", help="crop to the Otsu box before resizing")
+    ap.add_argument("--compress", action="store_true")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--shard", default=None, help="k/n: process every n-th study starting at the k-th")
+    args = ap.parse_args(argv)
+    spec = CacheSpec(image_size=args.image_size or None, crop=args.crop, compress=args.compress)
+    summary = build_cache(args.data_dir, args.work_dir, args.split, spec, args.workers, args.shard)
+    print(summary.status.value_counts().to_string())
+    print(f"cache: {cache_dir(args.work_dir, spec)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,10 +1,13 @@
 """Read one competition study: DICOM files -> HU int16 [Z, H, W], head first, duplicates dropped.
 
 Files are sorted by ImagePositionPatient (never by file name). dicomsdl reads headers and pixels (every
-transfer syntax of the competition) about 4x faster than pydicom, straight into the output volume. Without
-it, or for a file it cannot read, pydicom parses the header, native pixels are read straight into the volume
-and JPEG Lossless frames go to imagecodecs, then to pydicom's own decoders (gdcm, pylibjpeg): a missing
-optional decoder never stops a kernel.
+transfer syntax of the competition) about 4x faster than pydicom; JPEG Lossless frames go from it to
+imagecodecs, the fastest decoder here. Without them, or for a file they cannot read, pydicom parses the
+header, native pixels are read straight into the slice buffer and compressed frames go to imagecodecs, then to
+pydicom's own decoders (gdcm, pylibjpeg): a missing optional decoder never stops a kernel.
+
+`scan_study` reads a study once and hands every slice's stored values to a callback: `load_study` turns them
+into an HU volume, the cache windows them as they come (no HU volume at all).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,17 +33,52 @@ class DicomReadError(RuntimeError):
     """A DICOM file that cannot be read or decoded; the message names the file and the reason."""
 
 
-@dataclass
-class Study:
-    """One CT study, head first.
+@dataclass(frozen=True)
+class Rescale:
+    """How a file's stored 16-bit values become HU: PixelRepresentation, BitsStored, RescaleSlope/Intercept."""
+
+    signed: bool
+    bits: int
+    slope: float
+    intercept: float
+
+    def to_hu(self, raw: np.ndarray) -> np.ndarray:
+        """Stored values (any 16-bit view) -> HU int16 of the same shape; exact, clipped to the int16 range."""
+        return _to_hu(raw, self.signed, self.bits, self.slope, self.intercept)
+
+    def hu_table(self) -> np.ndarray:
+        """int16 [65536]: the HU of every stored bit pattern, indexed by the pattern read as uint16."""
+        patterns = np.arange(65536, dtype=np.uint16)
+        return self.to_hu(patterns.view(np.int16) if self.signed else patterns)
+
+
+@dataclass(frozen=True)
+class SliceHeader:
+    """What one file says about its slice (everything but the pixels)."""
+
+    position: tuple[float, float, float]
+    uid: str
+    syntax: str
+    decoder: str
+    rescale: Rescale
+    rows: int
+    cols: int
+    pixel_spacing: tuple[float, float]
+    thickness: float
+
+
+@dataclass(kw_only=True)
+class SeriesInfo:
+    """A study's geometry and provenance, everything of a Study but its pixels.
 
     Attributes:
         uid: StudyInstanceUID read from the files.
-        hu: int16 [Z, H, W] Hounsfield units, patient z decreasing along axis 0.
-        z: float64 [Z] ImagePositionPatient z of every slice.
-        xy: float64 [Z, 2] ImagePositionPatient x, y (first pixel centre) of every slice.
+        z: float64 [Z] ImagePositionPatient z of every kept slice, decreasing (head first).
+        xy: float64 [Z, 2] ImagePositionPatient x, y (first pixel centre) of every kept slice.
         spacing: (dz, dy, dx) in mm; dz is the median step between kept slices.
         slice_numbers: int64 [Z] the file slice number (file name) of every kept slice.
+        order: int64 [Z] index, in slice-number file order, of every kept slice (head first).
+        rows, cols: the in-plane size of every slice.
         path: the study folder.
         transfer_syntax: the transfer syntax UID of the files.
         n_files: how many files were read.
@@ -49,11 +88,13 @@ class Study:
     """
 
     uid: str
-    hu: np.ndarray
     z: np.ndarray
     xy: np.ndarray
     spacing: tuple[float, float, float]
     slice_numbers: np.ndarray
+    order: np.ndarray
+    rows: int
+    cols: int
     path: str = ""
     transfer_syntax: str = ""
     n_files: int = 0
@@ -64,7 +105,15 @@ class Study:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.hu.shape)  # type: ignore[return-value]
+        """(Z, H, W) of the kept slices."""
+        return len(self.order), self.rows, self.cols
+
+
+@dataclass(kw_only=True)
+class Study(SeriesInfo):
+    """One CT study, head first: `hu` int16 [Z, H, W] Hounsfield units, patient z decreasing along axis 0."""
+
+    hu: np.ndarray
 
 
 def _slice_number(path: Path) -> int:
@@ -146,29 +195,21 @@ def _to_hu(raw: np.ndarray, signed: bool, bits: int, slope: float, intercept: fl
     return np.clip(hu, -32768, 32767).astype(np.int16)
 
 
-class _Slots:
-    """The output volume, allocated once the first file tells its size; every later file must match."""
+class _SliceBuffer:
+    """One reusable int16 [H, W] buffer that every file of a study decodes into; the first file fixes the size."""
 
-    def __init__(self, n: int):
-        self.n = n
+    def __init__(self):
         self.buf: np.ndarray | None = None
-        self.pixel_spacing = (1.0, 1.0)
-        self.thickness = 1.0
         self.first = ""
 
-    def raw(self, k: int, signed: bool) -> np.ndarray:
-        return self.buf[k] if signed else self.buf[k].view(np.uint16)
-
-    def get(self, k: int, rows: int, cols: int, signed: bool, path: Path, spacing, thickness) -> np.ndarray:
+    def get(self, rows: int, cols: int, path: Path) -> np.ndarray:
         if self.buf is None:
-            self.buf = np.empty((self.n, rows, cols), dtype=np.int16)
-            self.pixel_spacing = tuple(float(v) for v in spacing) if spacing else (1.0, 1.0)
-            self.thickness = float(thickness or 1.0)
+            self.buf = np.empty((rows, cols), dtype=np.int16)
             self.first = path.name
-        elif (rows, cols) != self.buf.shape[1:]:
+        elif (rows, cols) != self.buf.shape:
             raise DicomReadError(f"{path}: {rows}x{cols} pixels, the study's file {self.first} has "
-                                 f"{self.buf.shape[1]}x{self.buf.shape[2]}")
-        return self.raw(k, signed)
+                                 f"{self.buf.shape[0]}x{self.buf.shape[1]}")
+        return self.buf
 
 
 def _dicomsdl():
@@ -180,111 +221,140 @@ def _dicomsdl():
         return None
 
 
-def _read_dicomsdl(sdl, path: Path, slots: _Slots, k: int) -> tuple:
-    """Header and pixels of one file with dicomsdl (about 4x pydicom's speed), pixels straight into the volume."""
+def _spacing(value) -> tuple[float, float]:
+    return tuple(float(v) for v in value) if value else (1.0, 1.0)  # type: ignore[return-value]
+
+
+def _read_dicomsdl(sdl, path: Path, buffer: _SliceBuffer, decoder: str) -> SliceHeader:
+    """Header and pixels of one file with dicomsdl (about 4x pydicom's speed); JPEG Lossless frames go to
+    imagecodecs when it is installed (about 1.4x dicomsdl's own decoder here), pixels straight into the buffer."""
     d = sdl.open(str(path))
     info = d.getPixelDataInfo()
     if info["BitsAllocated"] != 16 or info["SamplesPerPixel"] != 1:
         raise DicomReadError(f"{path}: only 16-bit single-sample CT is supported "
                              f"(BitsAllocated {info['BitsAllocated']}, SamplesPerPixel {info['SamplesPerPixel']})")
+    rows, cols = int(info["Rows"]), int(info["Cols"])
     signed = bool(info["PixelRepresentation"])
-    slot = slots.get(k, int(info["Rows"]), int(info["Cols"]), signed, path, d.PixelSpacing, d.SliceThickness)
-    d.copyFrameData(0, slot)
-    slope = info["RescaleSlope"]
-    intercept = info["RescaleIntercept"]
-    return (d.ImagePositionPatient, str(d.StudyInstanceUID), str(d.TransferSyntaxUID), "dicomsdl", signed,
-            int(info["BitsStored"]), 1.0 if slope is None else float(slope),
-            0.0 if intercept is None else float(intercept))
+    buf = buffer.get(rows, cols, path)
+    # one getValues call: attribute access costs about 10 us a tag through dicomsdl's Python wrapper
+    position, uid, syntax, pixel_spacing, thickness = d.getValues(
+        ["ImagePositionPatient", "StudyInstanceUID", "TransferSyntaxUID", "PixelSpacing", "SliceThickness"])
+    syntax = str(syntax)
+    used = "dicomsdl"
+    codecs = _imagecodecs() if decoder == "auto" and syntax in _JPEG_LOSSLESS else None
+    if codecs is not None:
+        try:
+            frame = d.getDataElement("PixelData").toPixelSequence().encodedFrameData(0)
+            codecs.jpeg8_decode(frame, out=buf.view(np.uint16))
+            used = "dicomsdl+imagecodecs"
+        except Exception as e:  # a frame imagecodecs cannot read: dicomsdl's own decoder can
+            log.debug("%s: imagecodecs failed (%s); using dicomsdl", path, e)
+    if used == "dicomsdl":
+        d.copyFrameData(0, buf if signed else buf.view(np.uint16))
+    slope, intercept = info["RescaleSlope"], info["RescaleIntercept"]
+    rescale = Rescale(signed, int(info["BitsStored"]),
+                      1.0 if slope is None else float(slope), 0.0 if intercept is None else float(intercept))
+    if position is None:
+        raise DicomReadError(f"{path}: no ImagePositionPatient")
+    return SliceHeader(tuple(position), str(uid), syntax, used, rescale, rows, cols, _spacing(pixel_spacing),
+                       float(thickness or 1.0))
 
 
-def _read_pydicom(path: Path, slots: _Slots, k: int, decoder: str) -> tuple:
-    """Header with pydicom; native pixels read straight into the volume, compressed ones decoded."""
+def _read_pydicom(path: Path, buffer: _SliceBuffer, decoder: str) -> SliceHeader:
+    """Header with pydicom; native pixels read straight into the buffer, compressed ones decoded."""
     with open(path, "rb") as f:
         ds = pydicom.dcmread(f, stop_before_pixels=True)
         syntax = ds.file_meta.TransferSyntaxUID
-        signed = int(ds.PixelRepresentation) == 1
         if int(ds.BitsAllocated) != 16 or int(getattr(ds, "SamplesPerPixel", 1)) != 1:
             raise DicomReadError(f"{path}: only 16-bit single-sample CT is supported "
                                  f"(BitsAllocated {ds.BitsAllocated}, SamplesPerPixel {ds.SamplesPerPixel})")
         rows, cols = int(ds.Rows), int(ds.Columns)
-        slot = slots.get(k, rows, cols, signed, path, ds.get("PixelSpacing"), ds.get("SliceThickness"))
+        out = buffer.get(rows, cols, path)
         if syntax.is_compressed:
             pixels, used = _decode_compressed(f, path, decoder)
             if pixels.shape != (rows, cols):
                 raise DicomReadError(f"{path}: decoded {pixels.shape}, header says {(rows, cols)}")
-            slot[...] = pixels.astype(slot.dtype, copy=False)
+            out.view(pixels.dtype if pixels.dtype.itemsize == 2 else np.uint16)[...] = pixels
         else:
             if not syntax.is_little_endian:
                 raise DicomReadError(f"{path}: big-endian pixel data is not supported")
-            _read_uncompressed(f, ds, slot, path)
+            _read_uncompressed(f, ds, out, path)
             used = "native"
-        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-        intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-        return ([float(v) for v in ds.ImagePositionPatient], str(ds.StudyInstanceUID), str(syntax), used, signed,
-                int(ds.BitsStored), slope, intercept)
+        rescale = Rescale(int(ds.PixelRepresentation) == 1, int(ds.BitsStored),
+                          float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0))
+        return SliceHeader(tuple(float(v) for v in ds.ImagePositionPatient), str(ds.StudyInstanceUID), str(syntax),
+                           used, rescale, rows, cols, _spacing(ds.get("PixelSpacing")),
+                           float(ds.get("SliceThickness") or 1.0))
 
 
-def load_study(study_dir: str | os.PathLike, decoder: str = "auto") -> Study:
-    """Load a study folder of DICOM slices as HU, head first.
+_JPEG_LOSSLESS = (str(pydicom.uid.JPEGLosslessSV1), str(pydicom.uid.JPEGLossless))
+
+
+def _read_file(path: Path, buffer: _SliceBuffer, sdl, decoder: str) -> SliceHeader:
+    """One file into the buffer, dicomsdl first when allowed; any failure is a DicomReadError naming the file."""
+    if sdl is not None:
+        try:
+            return _read_dicomsdl(sdl, path, buffer, decoder)
+        except DicomReadError:
+            raise
+        except Exception as e:  # dicomsdl cannot read it: pydicom can, or says why not
+            if decoder == "dicomsdl":
+                raise DicomReadError(f"{path}: dicomsdl: {type(e).__name__}: {e}") from e
+            log.debug("%s: dicomsdl failed (%s); using pydicom", path, e)
+    try:
+        return _read_pydicom(path, buffer, decoder)
+    except DicomReadError:
+        raise
+    except Exception as e:
+        raise DicomReadError(f"{path}: {type(e).__name__}: {e}") from e
+
+
+def scan_study(study_dir: str | os.PathLike, on_slice: Callable[[int, np.ndarray, SliceHeader], None],
+               decoder: str = "auto", files: list[Path] | None = None) -> SeriesInfo:
+    """Read every file of a study once, in file order, handing each slice's stored pixels to `on_slice`.
+
+    The loader of this module and the cache's streaming windower are both built on it, so they agree on
+    decoders, ordering, duplicates and errors.
 
     Args:
         study_dir: `.../train_images/<StudyInstanceUID>` (files `<slice_number>.dcm`).
-        decoder: "auto" (dicomsdl when installed, else pydicom; any file dicomsdl cannot read goes to pydicom),
-            "dicomsdl", "imagecodecs" (pydicom headers, imagecodecs for JPEG Lossless) or "pydicom".
+        on_slice: called as on_slice(k, raw, header) for the k-th file in slice-number order; raw is the
+            stored 16-bit values [H, W] (int16 or uint16 view as PixelRepresentation says; header.rescale
+            turns them into HU), valid only during the call.
+        decoder: see `load_study`.
+        files: the study's files when already listed.
 
     Returns:
-        The Study, hu int16 [Z, H, W] ordered by decreasing patient z, duplicate z positions dropped.
-
-    Raises:
-        DicomReadError: a file that cannot be read or decoded, or inconsistent slice sizes; names the file.
+        The SeriesInfo; its `order` says which files are kept and in what (head-first) order.
     """
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
-    files = list_slices(study_dir)
-    slots = _Slots(len(files))
-    pos = np.empty((len(files), 3))
-    uids, syntaxes, decoders = set(), set(), set()
+    files = list_slices(study_dir) if files is None else files
     sdl = _dicomsdl() if decoder in ("auto", "dicomsdl") else None
     if decoder == "dicomsdl" and sdl is None:
         raise DicomReadError("decoder='dicomsdl' asked for, but dicomsdl is not installed")
+    buffer = _SliceBuffer()
+    headers = []
     for k, path in enumerate(files):
-        header = None
-        if sdl is not None:
-            try:
-                header = _read_dicomsdl(sdl, path, slots, k)
-            except DicomReadError:
-                raise
-            except Exception as e:  # dicomsdl cannot read it: pydicom can, or says why not
-                if decoder == "dicomsdl":
-                    raise DicomReadError(f"{path}: dicomsdl: {type(e).__name__}: {e}") from e
-                log.debug("%s: dicomsdl failed (%s); using pydicom", path, e)
-        if header is None:
-            try:
-                header = _read_pydicom(path, slots, k, decoder)
-            except DicomReadError:
-                raise
-            except Exception as e:
-                raise DicomReadError(f"{path}: {type(e).__name__}: {e}") from e
-        position, uid, syntax, used, signed, bits, slope, intercept = header
-        slots.buf[k] = _to_hu(slots.raw(k, signed), signed, bits, slope, intercept)
-        pos[k] = position
-        uids.add(uid)
-        syntaxes.add(syntax)
-        decoders.add(used)
-    buf = slots.buf
-    ds_spacing, ds_thickness = slots.pixel_spacing, slots.thickness
-    assert buf is not None
+        header = _read_file(path, buffer, sdl, decoder)
+        on_slice(k, buffer.buf if header.rescale.signed else buffer.buf.view(np.uint16), header)
+        headers.append(header)
+    return _series_info(Path(study_dir), files, headers)
+
+
+def _series_info(folder: Path, files: list[Path], headers: list[SliceHeader]) -> SeriesInfo:
+    """Head-first order (ImagePositionPatient z, never file names), duplicates dropped, the UID checked."""
+    pos = np.array([h.position for h in headers], dtype=float)
     numbers = np.array([_slice_number(p) for p in files])
     order = np.lexsort((numbers, -pos[:, 2]))  # head first; equal z: lowest slice number first
-    z_sorted = pos[order, 2]
     keep = np.ones(len(order), dtype=bool)
-    keep[1:] = np.abs(np.diff(z_sorted)) > Z_DUPLICATE_TOLERANCE_MM
+    keep[1:] = np.abs(np.diff(pos[order, 2])) > Z_DUPLICATE_TOLERANCE_MM
     order = order[keep]
-    folder = Path(study_dir)
-    warnings = []
+    uids = {h.uid for h in headers}
     if len(uids) != 1:
         raise DicomReadError(f"{folder}: files from {len(uids)} studies: {sorted(uids)}")
     uid = uids.pop()
+    warnings = []
     if uid != folder.name:
         warnings.append(f"{folder}: folder name differs from StudyInstanceUID {uid}")
     dropped = len(files) - len(order)
@@ -293,15 +363,47 @@ def load_study(study_dir: str | os.PathLike, decoder: str = "auto") -> Study:
     for w in warnings:
         log.warning(w)
     z = pos[order, 2]
-    dz = float(np.median(-np.diff(z))) if len(z) > 1 else ds_thickness
-    dy, dx = ds_spacing
-    if np.array_equal(order, np.arange(len(files))):
-        hu = buf
-    elif np.array_equal(order, np.arange(len(files))[::-1]):
-        hu = buf[::-1]
-    else:
-        hu = buf[order]
-    return Study(uid=uid, hu=hu, z=z, xy=pos[order, :2], spacing=(dz, dy, dx), slice_numbers=numbers[order],
-                 path=str(folder), transfer_syntax="/".join(sorted(syntaxes)), n_files=len(files),
-                 duplicates_dropped=dropped, reversed=bool(len(files) > 1 and pos[-1, 2] > pos[0, 2]),
-                 decoder="/".join(sorted(decoders)), warnings=warnings)
+    first = headers[0]
+    dz = float(np.median(-np.diff(z))) if len(z) > 1 else first.thickness
+    return SeriesInfo(uid=uid, z=z, xy=pos[order, :2], spacing=(dz, *first.pixel_spacing),
+                      slice_numbers=numbers[order], order=order, rows=first.rows, cols=first.cols, path=str(folder),
+                      transfer_syntax="/".join(sorted({h.syntax for h in headers})), n_files=len(files),
+                      duplicates_dropped=dropped, reversed=bool(len(files) > 1 and pos[-1, 2] > pos[0, 2]),
+                      decoder="/".join(sorted({h.decoder for h in headers})), warnings=warnings)
+
+
+def in_head_first_order(volume: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """volume [N, ...] in file order -> [len(order), ...] in `order`; a view when the order is plain or reversed."""
+    n = len(volume)
+    if np.array_equal(order, np.arange(n)):
+        return volume
+    if np.array_equal(order, np.arange(n)[::-1]):
+        return volume[::-1]
+    return volume[order]
+
+
+def load_study(study_dir: str | os.PathLike, decoder: str = "auto") -> Study:
+    """Load a study folder of DICOM slices as HU, head first.
+
+    Args:
+        study_dir: `.../train_images/<StudyInstanceUID>` (files `<slice_number>.dcm`).
+        decoder: "auto" (dicomsdl when installed, JPEG Lossless frames through imagecodecs when installed, else
+            pydicom; any file dicomsdl cannot read goes to pydicom), "dicomsdl" (dicomsdl's own decoders),
+            "imagecodecs" (pydicom headers, imagecodecs for JPEG Lossless) or "pydicom".
+
+    Returns:
+        The Study, hu int16 [Z, H, W] ordered by decreasing patient z, duplicate z positions dropped.
+
+    Raises:
+        DicomReadError: a file that cannot be read or decoded, or inconsistent slice sizes; names the file.
+    """
+    files = list_slices(study_dir)
+    volume: list[np.ndarray] = []
+
+    def keep(k: int, raw: np.ndarray, header: SliceHeader) -> None:
+        if not volume:
+            volume.append(np.empty((len(files), header.rows, header.cols), dtype=np.int16))
+        volume[0][k] = header.rescale.to_hu(raw)
+
+    info = scan_study(study_dir, keep, decoder, files)
+    return Study(hu=in_head_first_order(volume[0], info.order), **vars(info))

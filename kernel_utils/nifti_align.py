@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
-from kernel_utils.dicom_io import Study
+from kernel_utils.dicom_io import SeriesInfo
 
 STUDY_AXCODES = ("I", "P", "L")  # Study.hu axes: decreasing z, increasing DICOM row (y), increasing column (x)
 
@@ -28,12 +28,12 @@ def reorient_to_study_axes(data: np.ndarray, affine: np.ndarray) -> tuple[np.nda
     return np.ascontiguousarray(out), affine @ inv_ornt_aff(transform, data.shape)
 
 
-def load_segmentation(nii_path: str | os.PathLike, study: Study, tolerance: float = 0.5) -> np.ndarray:
+def load_segmentation(nii_path: str | os.PathLike, study: SeriesInfo, tolerance: float = 0.5) -> np.ndarray:
     """Labels of a segmentation NIfTI aligned with study.hu.
 
     Args:
         nii_path: the competition's `segmentations/<uid>.nii` (any axis-aligned orientation the header declares).
-        study: the loaded study it belongs to.
+        study: the study it belongs to (a loaded Study, or the SeriesInfo of a scan: only geometry is used).
         tolerance: allowed misplacement, in voxels, between the NIfTI grid and the DICOM grid.
 
     Returns:
@@ -47,9 +47,9 @@ def load_segmentation(nii_path: str | os.PathLike, study: Study, tolerance: floa
     if data.ndim != 3:
         raise SegmentationMismatch(f"{nii_path}: expected a 3D array, got shape {data.shape}")
     labels, affine = reorient_to_study_axes(data, img.affine)
-    if labels.shape != study.hu.shape:
+    if labels.shape != study.shape:
         raise SegmentationMismatch(f"{nii_path}: shape {labels.shape} after reorientation to {STUDY_AXCODES}, "
-                                   f"study {study.uid} has {study.hu.shape} (slices, rows, columns)")
+                                   f"study {study.uid} has {study.shape} (slices, rows, columns)")
     # World (LPS) position of every study voxel index along each axis, compared with the NIfTI's.
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
     dz, dy, dx = study.spacing

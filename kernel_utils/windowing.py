@@ -49,17 +49,27 @@ class SliceWindower:
     """Window then resize one slice at a time: int16 HU [H, W] -> uint8 [out_h, out_w, C].
 
     The packed table is indexed by the int16 bit pattern (a uint16 view), so no widened copy of the slice
-    is made; one table look-up gives every channel, one area resize shrinks them together.
+    is made; one table look-up gives every channel, one area resize shrinks them together. Given a file's
+    `rescale` (see `kernel_utils.dicom_io.Rescale`), the slice may be the stored values as read: the rescale is
+    folded into the table (built once per rescale), so no HU slice is ever made.
     """
 
     def __init__(self, windows: tuple[Window, ...] = SEED002_WINDOWS):
         self.n_channels = len(windows)
         self.lut = np.roll(packed_lut(windows), 32768)  # index: int16 HU viewed as uint16
+        self._stored_luts: dict = {}
+
+    def stored_lut(self, rescale) -> np.ndarray:
+        """The packed table indexed by a stored 16-bit pattern: the windows of rescale's HU of every pattern."""
+        if rescale not in self._stored_luts:
+            self._stored_luts[rescale] = self.lut[rescale.hu_table().view(np.uint16)]
+        return self._stored_luts[rescale]
 
     def __call__(self, hu: np.ndarray, out_h: int | None = None, out_w: int | None = None,
-                 out: np.ndarray | None = None) -> np.ndarray:
-        """hu int16 [H, W] -> uint8 [out_h, out_w, C] (contiguous; written into `out` when given)."""
-        packed = np.take(self.lut, np.ascontiguousarray(hu).view(np.uint16)).view(np.uint8)
+                 out: np.ndarray | None = None, rescale=None) -> np.ndarray:
+        """hu int16 [H, W] (or stored values with their `rescale`) -> uint8 [out_h, out_w, C] (into `out`)."""
+        lut = self.lut if rescale is None else self.stored_lut(rescale)
+        packed = np.take(lut, np.ascontiguousarray(hu).view(np.uint16)).view(np.uint8)
         packed = packed.reshape(*hu.shape, 4)
         if out_h and out_w and (out_h, out_w) != hu.shape:
             packed = cv2.resize(packed, (out_w, out_h), interpolation=cv2.INTER_AREA)
@@ -78,6 +88,19 @@ def window_slices(hu: np.ndarray, windows: tuple[Window, ...] = SEED002_WINDOWS)
     return np.stack([windower(np.asarray(s, dtype=np.int16)) for s in hu])
 
 
+OTSU_SLICES = 48
+
+
+def otsu_picks(n: int) -> np.ndarray:
+    """Indices of the at most 48 evenly spaced slices (of n) whose gross-bone window makes the Otsu projection."""
+    return np.unique(np.linspace(0, n - 1, min(n, OTSU_SLICES)).astype(int))
+
+
+def gross_bone(hu: np.ndarray) -> np.ndarray:
+    """HU [...] -> float32 [...]: the gross-bone window (W650/L400) that the Otsu projection averages."""
+    return window(hu, 400, 650).astype(np.float32)
+
+
 def otsu_crop_box(hu: np.ndarray, margin: float = 0.05, square: bool = True) -> tuple[int, int, int, int]:
     """Seed 002's crop: Otsu on the gross-bone window, 5% margin each side, one box for the whole study.
 
@@ -92,15 +115,18 @@ def otsu_crop_box(hu: np.ndarray, margin: float = 0.05, square: bool = True) -> 
     Returns:
         (y0, y1, x0, x1) pixel bounds, end exclusive, inside the image. The whole image when nothing is found.
     """
-    h, w = hu.shape[-2:]
-    if hu.ndim == 3:  # the mean over at most 48 evenly spaced slices at half resolution: cheap and enough
-        picks = np.unique(np.linspace(0, hu.shape[0] - 1, min(hu.shape[0], 48)).astype(int))
-        acc = np.zeros(hu[0, ::2, ::2].shape, dtype=np.float32)
-        for k in picks:
-            acc += window(hu[k, ::2, ::2], 400, 650)
-        bone = cv2.resize(np.rint(acc / len(picks)).astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
-    else:
-        bone = window(hu, 400, 650)
+    if hu.ndim == 2:
+        hu = hu[None]
+    picks = otsu_picks(hu.shape[0])
+    projection = sum(gross_bone(hu[k, ::2, ::2]) for k in picks) / len(picks)
+    return otsu_box(projection, hu.shape[1:], margin, square)
+
+
+def otsu_box(projection: np.ndarray, shape: tuple[int, int], margin: float = 0.05,
+             square: bool = True) -> tuple[int, int, int, int]:
+    """The Otsu box on [H, W] of the mean gross-bone window of some slices at half resolution [ceil(H/2), ceil(W/2)]."""
+    h, w = shape
+    bone = cv2.resize(np.rint(projection).astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
     if bone.max() == bone.min():
         return 0, h, 0, w
     _, fg = cv2.threshold(bone, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)

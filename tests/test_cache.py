@@ -10,8 +10,9 @@ import pytest
 
 from kernel_utils import cache as cache_mod
 from kernel_utils import load_study
-from kernel_utils.cache import CacheSpec, build_cache, cache_dir, load_cached, read_entry
-from kernel_utils.windowing import SEED002_WINDOWS, Window, window
+from kernel_utils.cache import CacheSpec, build_cache, cache_dir, load_cached, read_entry, window_study
+from kernel_utils.dicom_io import Rescale
+from kernel_utils.windowing import SEED002_WINDOWS, SliceWindower, Window, otsu_crop_box, resize_slices, window
 
 SPEC = CacheSpec(image_size=32)
 
@@ -48,6 +49,42 @@ def test_entry_holds_windows_of_the_hu_and_the_aligned_mask(smoke_dir, tmp_path)
     assert small["images"].shape == (len(study.z), 32, 32, 3) and small["images"].dtype == np.uint8
     assert small["spacing"][1] == pytest.approx(study.spacing[1] * study.hu.shape[1] / 32)
     (cache_dir(tmp_path, native) / "spec.json").read_text().index('"image_size": null')
+
+
+def test_windowing_as_read_equals_windowing_the_loaded_hu_for_every_quirk(smoke_dir):
+    truth = pd.read_csv(smoke_dir / "_truth" / "studies.csv")
+    windower = SliceWindower(SEED002_WINDOWS)
+    for row in truth.itertuples():
+        study_dir = smoke_dir / f"{row.split}_images" / row.uid
+        study = load_study(study_dir)
+        entry = window_study(study_dir, CacheSpec(image_size=None))
+        expected = np.stack([windower(s) for s in study.hu])
+        assert np.array_equal(entry["images"], expected), row.encoding
+        assert np.array_equal(entry["z"], study.z) and np.array_equal(entry["slice_numbers"], study.slice_numbers)
+        y0, y1, x0, x1 = entry["crop_box"]
+        assert 0 <= y0 < y1 <= study.hu.shape[1] and 0 <= x0 < x1 <= study.hu.shape[2]
+        cropped = window_study(study_dir, CacheSpec(image_size=24, crop=True))
+        assert np.array_equal(cropped["crop_box"], entry["crop_box"])
+        assert np.array_equal(cropped["images"], resize_slices(expected[:, y0:y1, x0:x1], 24))
+
+
+def test_crop_box_from_the_stream_matches_the_volume_box_on_a_plain_study(smoke_dir):
+    truth = pd.read_csv(smoke_dir / "_truth" / "studies.csv")
+    row = truth[~truth["reversed"] & ~truth["duplicated"]].iloc[0]
+    study_dir = smoke_dir / f"{row.split}_images" / row.uid
+    assert tuple(window_study(study_dir, SPEC)["crop_box"]) == otsu_crop_box(load_study(study_dir).hu)
+
+
+@pytest.mark.parametrize("rescale", [Rescale(True, 16, 1.0, -1024.0), Rescale(False, 12, 1.0, -1024.0),
+                                     Rescale(True, 12, 1.0, 0.0), Rescale(False, 16, 1.0, 0.0),
+                                     Rescale(True, 16, 0.5, -1000.0), Rescale(False, 16, 1.0, -1024.0)])
+def test_stored_table_equals_windowing_the_rescaled_hu(rescale):
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 65536, (40, 40), dtype=np.uint16)  # every bit pattern, high bits set too
+    raw = raw.view(np.int16) if rescale.signed else raw
+    windower = SliceWindower(SEED002_WINDOWS)
+    assert np.array_equal(windower(raw, rescale=rescale), windower(rescale.to_hu(raw)))
+    assert np.array_equal(windower(raw, 16, 16, rescale=rescale), windower(rescale.to_hu(raw), 16, 16))
 
 
 def test_rerun_skips_and_shards_partition(smoke_dir, tmp_path):

@@ -38,15 +38,30 @@ def test_jpeg_lossless_decoders_agree(reference):
     folder = reference / "dicom" / "1.2.826.0.1.3680043.14267"
     studies = {d: load_study(folder, decoder=d) for d in ("auto", "dicomsdl", "imagecodecs", "pydicom")}
     assert {d: s.decoder for d, s in studies.items()} == {
-        "auto": "dicomsdl", "dicomsdl": "dicomsdl", "imagecodecs": "imagecodecs", "pydicom": "pydicom"}
+        "auto": "dicomsdl+imagecodecs", "dicomsdl": "dicomsdl", "imagecodecs": "imagecodecs", "pydicom": "pydicom"}
     for s in studies.values():
         assert np.array_equal(s.hu, studies["pydicom"].hu)
+
+
+def test_a_frame_imagecodecs_refuses_falls_back_to_dicomsdl(reference, monkeypatch):
+    import kernel_utils.dicom_io as dicom_io
+
+    class Refusing:
+        @staticmethod
+        def jpeg8_decode(frame, out=None):
+            raise RuntimeError("not this one")
+
+    folder = reference / "dicom" / "1.2.826.0.1.3680043.14267"
+    expected = load_study(folder, decoder="pydicom").hu
+    monkeypatch.setattr(dicom_io, "_imagecodecs", lambda: Refusing)
+    study = load_study(folder)
+    assert study.decoder == "dicomsdl" and np.array_equal(study.hu, expected)
 
 
 def test_every_decoder_reads_every_synthetic_encoding(smoke_dir):
     for spec in plan_dataset(**SMOKE_ARGS)[:8]:
         truth = render_study(spec)
-        for decoder in ("dicomsdl", "imagecodecs", "pydicom"):
+        for decoder in ("auto", "dicomsdl", "imagecodecs", "pydicom"):
             study = load_study(smoke_dir / f"{spec.split}_images" / spec.uid, decoder=decoder)
             assert np.array_equal(study.hu, truth.hu), (spec.encoding, decoder)
 
