@@ -8,6 +8,7 @@ training prior. The projected hidden-test time is printed before the long part s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,11 +34,14 @@ KAGGLE_LIMIT_HOURS = 9.0
 
 
 def save_ensemble(work_dir: str | os.PathLike, names: list[str], weights: np.ndarray, choice: str,
-                  prior: dict[str, float], cache: CacheSpec) -> Path:
+                  prior: dict[str, float], cache: CacheSpec, table: pd.DataFrame | None = None) -> Path:
     """`predictions/ensemble.json`: the blend, the prior and the cache; with `localisation/localisation.json` and
-    `predictions/<model>.json` it is everything inference needs besides the weights files."""
+    `predictions/<model>.json` it is everything inference needs besides the weights files. The out-of-fold
+    comparison table (`ensemble.compare`), when given, goes to `predictions/ensemble_table.csv`."""
     path = Path(work_dir) / "predictions" / "ensemble.json"
     path.parent.mkdir(parents=True, exist_ok=True)
+    if table is not None:
+        table.rename_axis("model").to_csv(path.with_name("ensemble_table.csv"))
     path.write_text(json.dumps({
         "models": names, "weights": np.asarray(weights).tolist(), "choice": choice, "prior": prior,
         "cache": {"image_size": cache.image_size, "crop": cache.crop, "compress": cache.compress,
@@ -45,7 +49,8 @@ def save_ensemble(work_dir: str | os.PathLike, names: list[str], weights: np.nda
     return path
 
 
-def _cache_spec(meta: dict) -> CacheSpec:
+def ensemble_cache_spec(meta: dict) -> CacheSpec:
+    """The cache spec notebook 05 recorded in `predictions/ensemble.json` (what the models were trained on)."""
     from kernel_utils.windowing import Window
 
     c = meta["cache"]
@@ -69,16 +74,20 @@ def predict_test(data_dir: str | os.PathLike, work_dir: str | os.PathLike, out_p
     """
     data_dir, work_dir = Path(data_dir), Path(work_dir)
     meta = json.loads((work_dir / "predictions" / "ensemble.json").read_text())
-    spec = _cache_spec(meta)
+    spec = ensemble_cache_spec(meta)
     studies = sorted(p.name for p in (data_dir / "test_images").iterdir() if p.is_dir()) \
         if (data_dir / "test_images").is_dir() else []
+    n = max(len(studies), 1)
     start = time.perf_counter()
     build_cache(data_dir, work_dir, "test", spec, workers=1, uids=studies[:1], progress=False)  # time one study
     per_study_load = time.perf_counter() - start
     print(f"{len(studies)} test studies; loading one took {per_study_load:.2f} s: "
           f"{HIDDEN_TEST_STUDIES} studies would take {HIDDEN_TEST_STUDIES * per_study_load / 3600 / workers:.2f} h "
           f"to load with {workers} workers (limit {KAGGLE_LIMIT_HOURS} h for everything)", flush=True)
+    start = time.perf_counter()
     build_cache(data_dir, work_dir, "test", spec, workers=workers)
+    timing = StageTiming()
+    timing.add("load_and_window", data=time.perf_counter() - start + per_study_load)
     loc = json.loads((work_dir / "localisation" / "localisation.json").read_text())
     loc_settings = LocalisationSettings(loc["n_folds"], TrainConfig.from_json(loc["slice_cfg"]),
                                         TrainConfig.from_json(loc["seg_cfg"]), loc["seg_size"])
@@ -88,10 +97,9 @@ def predict_test(data_dir: str | os.PathLike, work_dir: str | os.PathLike, out_p
              for k in range(loc["n_folds"])]
     cnns = [load_best(create_model(loc_settings.slice_cfg, channels), models_dir, loc_settings.slice_cfg, k)
             for k in range(loc["n_folds"])]
-    t0 = time.perf_counter()
-    localise_all(iter_cached(data_dir, work_dir, spec, ("test",)), unets, cnns, {}, loc_settings,
-                 work_dir / "localisation_test", crop=spec.crop)
-    stage_seconds = {"load_and_window": per_study_load, "localise": (time.perf_counter() - t0) / max(len(studies), 1)}
+    with timing.stage("localise") as clock:
+        localise_all(clock.timed_data(iter_cached(data_dir, work_dir, spec, ("test",))), unets, cnns, {},
+                     loc_settings, work_dir / "localisation_test", crop=spec.crop)
     _merge_localisation(work_dir)
     tests = {}
     for name in meta["models"]:
@@ -99,19 +107,25 @@ def predict_test(data_dir: str | os.PathLike, work_dir: str | os.PathLike, out_p
             continue
         model_meta = json.loads((work_dir / "predictions" / f"{name}.json").read_text())
         settings = _model_settings(model_meta)
-        t0 = time.perf_counter()
-        if settings.form == "vit":
-            uids, inputs = build_volumes(data_dir, work_dir, spec, settings, "test")
-            folder = work_dir / "models" / "vit"
-        else:
-            uids, inputs, _ = build_inputs(data_dir, work_dir, spec, settings, "test")
-            folder = work_dir / "models" / "fracture"
-        models = load_fold_models(settings, _channels(settings, inputs), folder, settings.n_folds)
-        tests[name] = predict_fracture(models, uids, inputs, settings, model_meta.get("patient_mode", "head"))
-        stage_seconds[name] = (time.perf_counter() - t0) / max(len(uids), 1)
-    total = sum(stage_seconds.values())
-    print("seconds per study by stage:", {k: round(v, 3) for k, v in stage_seconds.items()},
-          f"-> {HIDDEN_TEST_STUDIES} studies: {HIDDEN_TEST_STUDIES * total / 3600:.2f} h", flush=True)
+        with timing.stage(name) as clock:
+            with clock.data():
+                if settings.form == "vit":
+                    uids, inputs = build_volumes(data_dir, work_dir, spec, settings, "test")
+                    folder = work_dir / "models" / "vit"
+                else:
+                    uids, inputs, _ = build_inputs(data_dir, work_dir, spec, settings, "test")
+                    folder = work_dir / "models" / "fracture"
+            models = load_fold_models(settings, _channels(settings, inputs), folder, settings.n_folds)
+            tests[name] = predict_fracture(models, uids, inputs, settings, model_meta.get("patient_mode", "head"))
+    table = timing.per_study(n)
+    print("seconds per study by stage (data = reading and cropping the cache, model = networks):")
+    print(table.round(4).to_string())
+    print(f"data share {timing.data_share():.2f}; {HIDDEN_TEST_STUDIES} studies: "
+          f"{HIDDEN_TEST_STUDIES * table.total.sum() / 3600:.2f} h (limit {KAGGLE_LIMIT_HOURS} h)", flush=True)
+    timing_path = work_dir / "predictions" / "inference_timing.json"
+    timing_path.write_text(json.dumps({"studies": len(studies), "per_study_seconds": table.to_dict(orient="index"),
+                                       "data_share": timing.data_share(), "projected_hours":
+                                       HIDDEN_TEST_STUDIES * float(table.total.sum()) / 3600}, indent=1))
     uids = next(iter(tests.values())).StudyInstanceUID if tests else pd.Series(studies)
     from kernel_utils.baseline import predict_constant
 
@@ -120,6 +134,66 @@ def predict_test(data_dir: str | os.PathLike, work_dir: str | os.PathLike, out_p
     final = blend(ordered, np.asarray(meta["weights"])) if len(ordered) > 1 else ordered[0]
     return write_submission(final[["StudyInstanceUID", *TARGETS]], data_dir / "test.csv",
                             out_path or work_dir / "submission.csv", fallback=meta["prior"])
+
+
+class _StageClock:
+    """Seconds of one stage, split into data (reading and cropping the cache) and the rest (the networks)."""
+
+    def __init__(self):
+        self.data_seconds = 0.0
+        self.total_seconds = 0.0
+
+    @contextlib.contextmanager
+    def data(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.data_seconds += time.perf_counter() - start
+
+    def timed_data(self, iterable):
+        """Yield from iterable, counting the time spent producing each item as data time."""
+        it = iter(iterable)
+        while True:
+            with self.data():
+                item = next(it, _END)
+            if item is _END:
+                return
+            yield item
+
+
+_END = object()
+
+
+class StageTiming:
+    """Wall seconds per inference stage, data and model apart."""
+
+    def __init__(self):
+        self.stages: dict[str, _StageClock] = {}
+
+    def add(self, name: str, data: float = 0.0, model: float = 0.0) -> None:
+        clock = self.stages.setdefault(name, _StageClock())
+        clock.data_seconds += data
+        clock.total_seconds += data + model
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        clock = self.stages.setdefault(name, _StageClock())
+        start = time.perf_counter()
+        try:
+            yield clock
+        finally:
+            clock.total_seconds += time.perf_counter() - start
+
+    def per_study(self, n_studies: int) -> pd.DataFrame:
+        """Columns data, model, total: seconds per study of each stage."""
+        rows = {k: {"data": c.data_seconds / n_studies, "model": (c.total_seconds - c.data_seconds) / n_studies,
+                    "total": c.total_seconds / n_studies} for k, c in self.stages.items()}
+        return pd.DataFrame.from_dict(rows, orient="index")
+
+    def data_share(self) -> float:
+        total = sum(c.total_seconds for c in self.stages.values())
+        return sum(c.data_seconds for c in self.stages.values()) / total if total else 0.0
 
 
 def _channels(settings, inputs) -> int:

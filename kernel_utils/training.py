@@ -36,6 +36,7 @@ class TrainConfig:
         model: the backbone or network name (timm name in 2D).
         epochs, batch_size, lr, weight_decay: the optimiser (AdamW, cosine schedule with warm-up).
         patience: epochs without a better validation loss before stopping.
+        num_workers: DataLoader worker processes; -1 picks them (see `loader_workers`); not part of run_name.
         mixed_precision: "auto" (bf16 on a GPU, fp32 on the CPU), "no", "bf16" or "fp16".
         pretrained_path: a local weights file for the backbone (a Kaggle dataset); empty: random initialisation.
         max_steps_per_epoch: cap on training steps per epoch (0: no cap), for smoke runs.
@@ -50,7 +51,7 @@ class TrainConfig:
     weight_decay: float = 1e-2
     patience: int = 3
     seed: int = 42
-    num_workers: int = 0
+    num_workers: int = -1
     mixed_precision: str = "auto"
     pretrained_path: str = ""
     max_steps_per_epoch: int = 0
@@ -65,7 +66,8 @@ class TrainConfig:
     @property
     def run_name(self) -> str:
         """Derived from every setting: never typed by hand, so it cannot drift from the config."""
-        digest = hashlib.sha1(json.dumps(self.to_json(), sort_keys=True, default=str).encode()).hexdigest()[:8]
+        settings = {k: v for k, v in self.to_json().items() if k not in RUNTIME_ONLY}
+        digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
         return f"{self.stage}_{self.model}_e{self.epochs}_lr{self.lr:g}_{digest}"
 
     @classmethod
@@ -73,6 +75,22 @@ class TrainConfig:
         data = dict(data)
         data["params"] = tuple(tuple(p) for p in data.get("params", ()))
         return cls(**data)
+
+
+RUNTIME_ONLY = ("num_workers",)  # settings that change how fast a run goes, not what it learns: not in run_name
+
+
+def loader_workers(cfg: TrainConfig) -> int:
+    """DataLoader worker processes: cfg.num_workers when set (>= 0); auto (-1): none on the CPU, where the
+    model needs every core, and up to 8 beside a GPU, where augmentation would otherwise starve it."""
+    if cfg.num_workers >= 0:
+        return cfg.num_workers
+    return min(8, max((os.cpu_count() or 1) - 1, 0)) if torch.cuda.is_available() else 0
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Distinct numpy streams per DataLoader worker (forked workers would otherwise repeat one augmentation)."""
+    np.random.seed(torch.initial_seed() % 2**32)
 
 
 def device() -> torch.device:
@@ -120,10 +138,12 @@ def fit(model: torch.nn.Module, train_ds: Dataset, valid_ds: Dataset | None, los
     best_path, last_path = checkpoint_paths(out_dir, cfg, fold)
     seed_everything(cfg.seed + fold)
     acc = _accelerator(cfg)
-    loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
-                        collate_fn=collate_fn, drop_last=len(train_ds) > cfg.batch_size)
-    valid_loader = DataLoader(valid_ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                              collate_fn=collate_fn) if valid_ds is not None and len(valid_ds) else None
+    workers = loader_workers(cfg)
+    parallel = dict(num_workers=workers, worker_init_fn=_seed_worker, persistent_workers=workers > 0)
+    loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate_fn,
+                        drop_last=len(train_ds) > cfg.batch_size, **parallel)
+    valid_loader = DataLoader(valid_ds, batch_size=cfg.batch_size, collate_fn=collate_fn, **parallel) \
+        if valid_ds is not None and len(valid_ds) else None
     steps = len(loader) if not cfg.max_steps_per_epoch else min(len(loader), cfg.max_steps_per_epoch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = max(cfg.epochs * steps, 1)

@@ -54,3 +54,30 @@ def test_chosen_weights_follow_the_best_row():
     assert choice.startswith("weighted") and np.array_equal(w, fitted)
     choice, w = chosen_weights(table.assign(loss_study=[0.5, 0.6, 0.2, 0.3]), fitted, ["a", "b"])
     assert choice == "mean of models" and np.allclose(w, 0.5)
+
+
+def test_stage_timing_splits_data_from_model_time(monkeypatch):
+    import kernel_utils.submit as submit
+
+    now = [0.0]
+    monkeypatch.setattr(submit.time, "perf_counter", lambda: now[0])
+
+    def slow_items():
+        for item in range(3):
+            now[0] += 2.0  # 2 s to read each item
+            yield item
+
+    timing = submit.StageTiming()
+    timing.add("load_and_window", data=6.0)
+    with timing.stage("localise") as clock:
+        for _ in clock.timed_data(slow_items()):
+            now[0] += 1.0  # 1 s of network per item
+    with timing.stage("vit") as clock:
+        with clock.data():
+            now[0] += 3.0
+        now[0] += 9.0
+    table = timing.per_study(3)
+    assert table.loc["load_and_window"].tolist() == [2.0, 0.0, 2.0]
+    assert table.loc["localise"].tolist() == [2.0, 1.0, 3.0]
+    assert table.loc["vit"].tolist() == [1.0, 3.0, 4.0]
+    assert timing.data_share() == (6 + 6 + 3) / (6 + 9 + 12)

@@ -1,0 +1,78 @@
+"""The ensemble out of fold against the best single model, and end-to-end inference time per test study.
+
+Runs the five notebooks of a profile on its synthetic dataset through papermill (once: a WORK_DIR that already
+holds `predictions/ensemble.json` is reused), then the Kaggle kernel's inference-only chain
+(`kernel_utils.submit.predict_test`) on the test studies with their cache entries removed first, so loading is
+timed too. Each stage's time is split into data (reading DICOM, windowing, reading and cropping the cache) and
+models (loading weights, running networks).
+
+    python -m benchmarks.ensemble_inference --profile demo [--work-dir DIR] [--rerun]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from benchmarks.common import ROOT, write_result
+from kernel_utils.cache import cache_dir
+from kernel_utils.config import get_profile
+from kernel_utils.pipeline import ensure_synthetic, run
+from kernel_utils.submit import HIDDEN_TEST_STUDIES, KAGGLE_LIMIT_HOURS, ensemble_cache_spec, predict_test
+
+BLENDS = ("mean of models", "weighted blend (weights fitted out of fold)")
+
+
+def ensemble_figures(work_dir: Path) -> dict:
+    """Out-of-fold competition loss of every row of notebook 05's table, the chosen blend and the best model."""
+    table = pd.read_csv(work_dir / "predictions" / "ensemble_table.csv", index_col="model")
+    meta = json.loads((work_dir / "predictions" / "ensemble.json").read_text())
+    singles = table.drop(index=[i for i in table.index if i in BLENDS])
+    best = singles.loss_study.idxmin()
+    blend_row = BLENDS[1] if BLENDS[1] in table.index else best
+    return {"table_loss_study": table.loss_study.to_dict(), "best_single_model": best,
+            "best_single_loss_study": float(table.loss_study[best]),
+            "weighted_blend_loss_study": float(table.loss_study[blend_row]),
+            "blend_over_best_single": float(table.loss_study[blend_row] / table.loss_study[best]),
+            "submission_uses": meta["choice"]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", default="demo")
+    ap.add_argument("--work-dir", default=None)
+    ap.add_argument("--rerun", action="store_true", help="run the notebooks again even when WORK_DIR holds them")
+    args = ap.parse_args(argv)
+    profile = get_profile(args.profile)
+    work_dir = Path(args.work_dir or ROOT / ".data" / f"pipeline_{profile.name}")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    pipeline_seconds = None
+    if args.rerun or not (work_dir / "predictions" / "ensemble.json").exists():
+        start = time.perf_counter()
+        run(None, work_dir, profile.name)
+        pipeline_seconds = time.perf_counter() - start
+    data_dir = ensure_synthetic(work_dir, profile.name)
+    meta = json.loads((work_dir / "predictions" / "ensemble.json").read_text())
+    folder = cache_dir(work_dir, ensemble_cache_spec(meta))
+    for study in (data_dir / "test_images").iterdir():  # time loading too: the kernel starts with no cache
+        (folder / f"{study.name}.npz").unlink(missing_ok=True)
+    predict_test(data_dir, work_dir, work_dir / "benchmark_submission.csv", workers=profile.workers)
+    timing = json.loads((work_dir / "predictions" / "inference_timing.json").read_text())
+    per_study = sum(stage["total"] for stage in timing["per_study_seconds"].values())
+    where = "gpu" if torch.cuda.is_available() else "cpu"
+    result = {"profile": profile.name, "pipeline_seconds": pipeline_seconds, "ensemble": ensemble_figures(work_dir),
+              "inference": {**timing, "seconds_per_study": per_study,
+                            "hidden_test_hours": HIDDEN_TEST_STUDIES * per_study / 3600,
+                            "limit_hours": KAGGLE_LIMIT_HOURS},
+              "targets": {"blend_over_best_single": "< 1", "data_share": "<= 0.5"}}
+    write_result(f"ensemble_inference_{profile.name}_{where}", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
