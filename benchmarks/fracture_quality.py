@@ -5,11 +5,14 @@ box hit rate, training and inference time per study. `--localisation truth` buil
 synthetic ground truth (isolating the fracture model from the localiser); `predicted` runs notebook 02's pipeline.
 
     python -m benchmarks.fracture_quality --profile bench --localisation truth
+    python -m benchmarks.fracture_quality --profile bench --forms vertebra --model resnet10t --epochs 10 --folds 2 \
+        --lr 1e-3 --tag cpu_pilot     # a shorter run that fits on 2 CPU cores (about 35 minutes)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import numpy as np
@@ -70,12 +73,23 @@ def predicted_localisation(data_dir, work_dir, spec, profile) -> None:
                  progress=False)
 
 
+def overridden(settings: FractureSettings, args) -> FractureSettings:
+    """The profile's settings with the epochs, learning rate and folds given on the command line."""
+    cfg = dataclasses.replace(settings.cfg, epochs=args.epochs or settings.cfg.epochs, lr=args.lr or settings.cfg.lr)
+    return dataclasses.replace(settings, cfg=cfg, n_folds=args.folds or settings.n_folds)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="bench")
     ap.add_argument("--localisation", choices=["truth", "predicted"], default="truth")
     ap.add_argument("--forms", default="vertebra,study")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--model", default="", help="backbone instead of the profile's (timm name)")
+    ap.add_argument("--epochs", type=int, default=0, help="instead of the profile's")
+    ap.add_argument("--folds", type=int, default=0, help="instead of the profile's")
+    ap.add_argument("--lr", type=float, default=0.0, help="instead of the profile's")
+    ap.add_argument("--tag", default="", help="added to the result's name, e.g. cpu_pilot")
     args = ap.parse_args(argv)
     data_dir, work_dir = prepared_data(args.profile, workers=args.workers)
     spec = profile_cache_spec(args.profile)
@@ -91,9 +105,10 @@ def main(argv: list[str] | None = None) -> dict:
     _, prior = cross_validate_prior(labels, make_folds(labels))
     boxes_true = pd.read_csv(data_dir / "train_bounding_boxes.csv")
     where = "gpu" if torch.cuda.is_available() else "cpu"
+    name = f"fracture_{args.profile}_{where}" + (f"_{args.tag}" if args.tag else "")
     forms = {}
     for form in args.forms.split(","):
-        settings = FractureSettings.for_profile(args.profile, form)
+        settings = overridden(FractureSettings.for_profile(args.profile, form, args.model), args)
         t0 = time.perf_counter()
         uids, inputs, metas = build_inputs(data_dir, work_dir, spec, settings, "train")
         t1 = time.perf_counter()
@@ -111,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
         auc = {t: float(roc_auc_score(truth[t], oof[t])) for t in [*VERTEBRAE, "patient_overall"]
                if 0 < truth[t].sum() < len(truth)}
         result = {"run": settings.cfg.run_name, "model": settings.cfg.model, "params": dict(settings.cfg.params),
-                  "epochs": settings.cfg.epochs, "patient_mode": cv["patient_mode"],
+                  "epochs": settings.cfg.epochs, "lr": settings.cfg.lr, "folds": settings.n_folds,
+                  "patient_mode": cv["patient_mode"],
                   "oof_loss": cv["scores"].loc["all"].to_dict(),
                   "oof_loss_over_prior": float(cv["scores"].loc["all", "loss_study"] / prior.loc["all", "loss_study"]),
                   "test_loss": competition_loss(
@@ -121,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
                                         "test_inputs": (t3 - t2) / max(len(tu), 1),
                                         "test_inference_all_folds": (t4 - t3) / max(len(tu), 1)}}
         forms[form] = result
-        write_result(f"fracture_{args.profile}_{where}", {"forms": forms, "partial": True})
+        write_result(name, {"forms": forms, "partial": True})
         if form == "vertebra" and len(boxes_true):
             truth_k = labels.set_index("StudyInstanceUID")
             predicted = boxes_for_studies(
@@ -133,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary = {"profile": args.profile, "localisation": args.localisation, "localisation_seconds": loc_seconds,
                    "train_studies": len(labels), "prior_oof_loss": prior.loc["all"].drop("studies").to_dict(),
                    "forms": forms, "targets": {"vertebra_oof_loss_over_prior": 0.6, "mean_vertebra_auc": 0.9}}
-        write_result(f"fracture_{args.profile}_{where}", summary)  # after each form: a crash keeps what was done
+        write_result(name, summary)  # after each form: a crash keeps what was done
     return summary
 
 
