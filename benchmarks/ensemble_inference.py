@@ -2,9 +2,9 @@
 
 Runs the five notebooks of a profile on its synthetic dataset through papermill (once: a WORK_DIR that already
 holds `predictions/ensemble.json` is reused), then the Kaggle kernel's inference-only chain
-(`kernel_utils.submit.predict_test`) on the test studies with their cache entries removed first, so loading is
-timed too. Each stage's time is split into data (reading DICOM, windowing, reading and cropping the cache) and
-models (loading weights, running networks).
+(`kernel_utils.submit.predict_test`, every model run even when the blend leaves it out) on the test studies with
+their cache entries removed first, so loading is timed too. Each stage's time is split into data (reading DICOM,
+windowing, reading and cropping the cache) and models (loading weights, running networks).
 
     python -m benchmarks.ensemble_inference --profile demo [--work-dir DIR] [--rerun]
 """
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     folder = cache_dir(work_dir, ensemble_cache_spec(meta))
     for study in (data_dir / "test_images").iterdir():  # time loading too: the kernel starts with no cache
         (folder / f"{study.name}.npz").unlink(missing_ok=True)
-    predict_test(data_dir, work_dir, work_dir / "benchmark_submission.csv", workers=profile.workers)
+    predict_test(data_dir, work_dir, work_dir / "benchmark_submission.csv", workers=profile.workers, all_models=True)
     timing = json.loads((work_dir / "predictions" / "inference_timing.json").read_text())
     per_study = sum(stage["total"] for stage in timing["per_study_seconds"].values())
     where = "gpu" if torch.cuda.is_available() else "cpu"

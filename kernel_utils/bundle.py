@@ -60,7 +60,8 @@ def submission_notebook(slug: str) -> nbformat.NotebookNode:
             f'BUNDLE_DIR = ""  # the attached dataset; empty: /kaggle/input/{slug}\n'
             'DATA_DIR = ""    # empty: the competition folder on Kaggle\n'
             'WORK_DIR = ""    # empty: /kaggle/working\n'
-            'PROFILE = "full"  # the profile the weights were trained with (informational)',
+            'PROFILE = "full"  # the profile the weights were trained with (informational)\n'
+            "ALL_MODELS = False  # True: run every model, also those the blend gives no weight (timing, checks)",
             metadata={"tags": ["parameters"]}),
         nbformat.v4.new_markdown_cell("# RSNA 2022 submission from the kit's bundle (offline)"),
         nbformat.v4.new_code_cell(
@@ -78,7 +79,7 @@ def submission_notebook(slug: str) -> nbformat.NotebookNode:
             "data_dir, work_dir = resolve_data_dir(DATA_DIR), resolve_work_dir(WORK_DIR)\n"
             'shutil.copytree(bundle / "work", work_dir, dirs_exist_ok=True)'),
         nbformat.v4.new_code_cell(
-            "submission = predict_test(data_dir, work_dir)\n"
+            "submission = predict_test(data_dir, work_dir, all_models=ALL_MODELS)\n"
             'validate_submission(work_dir / "submission.csv", data_dir / "test.csv")\n'
             "submission.head(8)"),
     ]

@@ -66,8 +66,11 @@ def _model_settings(meta: dict):
 
 
 def predict_test(data_dir: str | os.PathLike, work_dir: str | os.PathLike, out_path: str | os.PathLike | None = None,
-                 workers: int = 2) -> pd.DataFrame:
+                 workers: int = 2, all_models: bool = False) -> pd.DataFrame:
     """Run the whole inference chain on `data_dir`'s test studies with the weights under `work_dir`.
+
+    A model the blend gives no weight on any label is not run (nor the localisation, when no model runs), unless
+    `all_models` (the benchmarks time the full ensemble).
 
     Returns:
         The written submission (row_id, fractured); also `work_dir/submission.csv` unless out_path says otherwise.
@@ -88,23 +91,13 @@ def predict_test(data_dir: str | os.PathLike, work_dir: str | os.PathLike, out_p
     build_cache(data_dir, work_dir, "test", spec, workers=workers)
     timing = StageTiming()
     timing.add("load_and_window", data=time.perf_counter() - start + per_study_load)
-    loc = json.loads((work_dir / "localisation" / "localisation.json").read_text())
-    loc_settings = LocalisationSettings(loc["n_folds"], TrainConfig.from_json(loc["slice_cfg"]),
-                                        TrainConfig.from_json(loc["seg_cfg"]), loc["seg_size"])
-    models_dir = work_dir / "localisation" / "models"
-    channels = len(spec.windows)
-    unets = [load_best(create_model(loc_settings.seg_cfg, channels), models_dir, loc_settings.seg_cfg, k)
-             for k in range(loc["n_folds"])]
-    cnns = [load_best(create_model(loc_settings.slice_cfg, channels), models_dir, loc_settings.slice_cfg, k)
-            for k in range(loc["n_folds"])]
-    with timing.stage("localise") as clock:
-        localise_all(clock.timed_data(iter_cached(data_dir, work_dir, spec, ("test",))), unets, cnns, {},
-                     loc_settings, work_dir / "localisation_test", crop=spec.crop)
-    _merge_localisation(work_dir)
+    weights = np.asarray(meta["weights"])
+    running = [name for name, w in zip(meta["models"], weights.sum(axis=0), strict=True)
+               if name != "prior" and (all_models or w > 0)]
+    if running:
+        _localise_test(data_dir, work_dir, spec, timing)
     tests = {}
-    for name in meta["models"]:
-        if name == "prior":
-            continue
+    for name in running:
         model_meta = json.loads((work_dir / "predictions" / f"{name}.json").read_text())
         settings = _model_settings(model_meta)
         with timing.stage(name) as clock:
@@ -129,8 +122,8 @@ def predict_test(data_dir: str | os.PathLike, work_dir: str | os.PathLike, out_p
     uids = next(iter(tests.values())).StudyInstanceUID if tests else pd.Series(studies)
     from kernel_utils.baseline import predict_constant
 
-    tests["prior"] = predict_constant(meta["prior"], uids)
-    ordered = [tests[n] for n in meta["models"]]
+    prior = predict_constant(meta["prior"], uids)
+    ordered = [tests.get(n, prior) for n in meta["models"]]  # a model not run has no weight
     final = blend(ordered, np.asarray(meta["weights"])) if len(ordered) > 1 else ordered[0]
     return write_submission(final[["StudyInstanceUID", *TARGETS]], data_dir / "test.csv",
                             out_path or work_dir / "submission.csv", fallback=meta["prior"])
@@ -194,6 +187,23 @@ class StageTiming:
     def data_share(self) -> float:
         total = sum(c.total_seconds for c in self.stages.values())
         return sum(c.data_seconds for c in self.stages.values()) / total if total else 0.0
+
+
+def _localise_test(data_dir: Path, work_dir: Path, spec: CacheSpec, timing: StageTiming) -> None:
+    """Notebook 02's fold models on every test study, merged beside the training localisation."""
+    loc = json.loads((work_dir / "localisation" / "localisation.json").read_text())
+    loc_settings = LocalisationSettings(loc["n_folds"], TrainConfig.from_json(loc["slice_cfg"]),
+                                        TrainConfig.from_json(loc["seg_cfg"]), loc["seg_size"])
+    models_dir = work_dir / "localisation" / "models"
+    channels = len(spec.windows)
+    with timing.stage("localise") as clock:
+        unets = [load_best(create_model(loc_settings.seg_cfg, channels), models_dir, loc_settings.seg_cfg, k)
+                 for k in range(loc["n_folds"])]
+        cnns = [load_best(create_model(loc_settings.slice_cfg, channels), models_dir, loc_settings.slice_cfg, k)
+                for k in range(loc["n_folds"])]
+        localise_all(clock.timed_data(iter_cached(data_dir, work_dir, spec, ("test",))), unets, cnns, {},
+                     loc_settings, work_dir / "localisation_test", crop=spec.crop)
+    _merge_localisation(work_dir)
 
 
 def _channels(settings, inputs) -> int:

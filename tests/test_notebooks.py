@@ -79,6 +79,10 @@ def test_kaggle_bundle_runs_alone(executed, work_dir, smoke_dir, tmp_path):
     kernel_work = tmp_path / "kernel_work"
     pm.execute_notebook(str(out / "kernel" / "submission.ipynb"), str(tmp_path / "executed.ipynb"),
                         parameters={"BUNDLE_DIR": str(dataset), "DATA_DIR": str(smoke_dir),
-                                    "WORK_DIR": str(kernel_work)}, progress_bar=False, kernel_name="python3")
+                                    "WORK_DIR": str(kernel_work), "ALL_MODELS": True},  # the whole chain runs
+                        progress_bar=False, kernel_name="python3")
     validate_submission(kernel_work / "submission.csv", smoke_dir / "test.csv")
+    timing = json.loads((kernel_work / "predictions" / "inference_timing.json").read_text())
+    assert {"load_and_window", "localise", "vit3d"} <= set(timing["per_study_seconds"])
+    assert 0 < timing["data_share"] < 1
     assert len(pd.read_csv(kernel_work / "submission.csv")) == len(pd.read_csv(smoke_dir / "test.csv"))
