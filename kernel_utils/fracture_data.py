@@ -115,7 +115,7 @@ class FractureDataset(Dataset):
         return len(self.inputs)
 
     def _augment(self, x: np.ndarray) -> np.ndarray:
-        rng = np.random.default_rng()
+        rng = np.random  # the global stream: seeded by the training loop, and per DataLoader worker
         shape = x.shape
         side = shape[-1]
         planes = x.reshape(-1, side, side).transpose(1, 2, 0)  # [H, W, everything else]

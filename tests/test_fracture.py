@@ -77,6 +77,17 @@ def test_augmentation_keeps_shape_and_mask_channel_values():
     assert float(item["image"][:, :, 3].max()) > 0.9
 
 
+def test_augmentation_follows_the_seed():
+    x = np.random.default_rng(0).integers(0, 255, (7, 3, 4, 32, 32), dtype=np.uint8)
+    ds = FractureDataset([x], None, augment=True, image_channels=3)
+    draws = []
+    for _ in range(2):
+        np.random.seed(5)
+        torch.manual_seed(5)
+        draws.append(ds[0]["image"])
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], ds[0]["image"])
+
+
 def test_patient_overall_from_vertebrae():
     p = np.array([[0.1, 0.2, 0, 0, 0, 0, 0, 0.9]])
     assert with_patient_mode(p, "product")[0, 7] == pytest.approx(1 - 0.9 * 0.8)
