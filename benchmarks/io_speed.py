@@ -62,9 +62,7 @@ def _timed(fn, repeat: int) -> float:
 
 def file_rescale(path: Path) -> Rescale:
     """The rescale of a file, read once outside the timed loop (the limit parses no header)."""
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    return Rescale(int(ds.PixelRepresentation) == 1, int(ds.BitsStored), float(ds.RescaleSlope),
-                   float(ds.RescaleIntercept))
+    return Rescale.from_dataset(pydicom.dcmread(path, stop_before_pixels=True))
 
 
 def limit_uncompressed(files: list[Path], windower: SliceWindower, rescale: Rescale) -> None:

@@ -46,6 +46,12 @@ class Rescale:
         """Stored values (any 16-bit view) -> HU int16 of the same shape; exact, clipped to the int16 range."""
         return _to_hu(raw, self.signed, self.bits, self.slope, self.intercept)
 
+    @classmethod
+    def from_dataset(cls, ds) -> Rescale:
+        """The rescale a pydicom dataset (header) declares; slope 1 and intercept 0 when absent."""
+        return cls(int(ds.PixelRepresentation) == 1, int(ds.BitsStored),
+                   float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0))
+
     def hu_table(self) -> np.ndarray:
         """int16 [65536]: the HU of every stored bit pattern, indexed by the pattern read as uint16."""
         patterns = np.arange(65536, dtype=np.uint16)
@@ -239,6 +245,8 @@ def _read_dicomsdl(sdl, path: Path, buffer: _SliceBuffer, decoder: str) -> Slice
     # one getValues call: attribute access costs about 10 us a tag through dicomsdl's Python wrapper
     position, uid, syntax, pixel_spacing, thickness = d.getValues(
         ["ImagePositionPatient", "StudyInstanceUID", "TransferSyntaxUID", "PixelSpacing", "SliceThickness"])
+    if position is None:
+        raise DicomReadError(f"{path}: no ImagePositionPatient")
     syntax = str(syntax)
     used = "dicomsdl"
     codecs = _imagecodecs() if decoder == "auto" and syntax in _JPEG_LOSSLESS else None
@@ -254,8 +262,6 @@ def _read_dicomsdl(sdl, path: Path, buffer: _SliceBuffer, decoder: str) -> Slice
     slope, intercept = info["RescaleSlope"], info["RescaleIntercept"]
     rescale = Rescale(signed, int(info["BitsStored"]),
                       1.0 if slope is None else float(slope), 0.0 if intercept is None else float(intercept))
-    if position is None:
-        raise DicomReadError(f"{path}: no ImagePositionPatient")
     return SliceHeader(tuple(position), str(uid), syntax, used, rescale, rows, cols, _spacing(pixel_spacing),
                        float(thickness or 1.0))
 
@@ -280,8 +286,7 @@ def _read_pydicom(path: Path, buffer: _SliceBuffer, decoder: str) -> SliceHeader
                 raise DicomReadError(f"{path}: big-endian pixel data is not supported")
             _read_uncompressed(f, ds, out, path)
             used = "native"
-        rescale = Rescale(int(ds.PixelRepresentation) == 1, int(ds.BitsStored),
-                          float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0))
+        rescale = Rescale.from_dataset(ds)
         return SliceHeader(tuple(float(v) for v in ds.ImagePositionPatient), str(ds.StudyInstanceUID), str(syntax),
                            used, rescale, rows, cols, _spacing(ds.get("PixelSpacing")),
                            float(ds.get("SliceThickness") or 1.0))
