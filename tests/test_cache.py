@@ -68,11 +68,37 @@ def test_windowing_as_read_equals_windowing_the_loaded_hu_for_every_quirk(smoke_
         assert np.array_equal(cropped["images"], resize_slices(expected[:, y0:y1, x0:x1], 24))
 
 
-def test_crop_box_from_the_stream_matches_the_volume_box_on_a_plain_study(smoke_dir):
+def test_crop_box_from_the_stream_matches_the_volume_box_for_every_quirk(smoke_dir):
     truth = pd.read_csv(smoke_dir / "_truth" / "studies.csv")
-    row = truth[~truth["reversed"] & ~truth["duplicated"]].iloc[0]
-    study_dir = smoke_dir / f"{row.split}_images" / row.uid
-    assert tuple(window_study(study_dir, SPEC)["crop_box"]) == otsu_crop_box(load_study(study_dir).hu)
+    assert truth["reversed"].any() and truth["duplicated"].any()
+    for row in truth.itertuples():
+        study_dir = smoke_dir / f"{row.split}_images" / row.uid
+        hu = load_study(study_dir).hu
+        box = otsu_crop_box(hu)
+        assert tuple(window_study(study_dir, SPEC)["crop_box"]) == box, row.encoding
+        assert otsu_crop_box(hu[::-1]) == box == otsu_crop_box(hu[np.random.default_rng(0).permutation(len(hu))])
+
+
+def test_crop_box_holds_the_bone_and_leaves_out_the_air():
+    hu = np.full((20, 64, 80), -1000, dtype=np.int16)
+    hu[:, 20:40, 30:50] = 700  # a bone column on every slice
+    hu[0, 0:4, 0:4] = 1500  # a bright speck on one slice only
+    y0, y1, x0, x1 = otsu_crop_box(hu, margin=0.0, square=False)
+    assert (y0, y1, x0, x1) == (20, 40, 32, 52)  # every 4th pixel: x 32..48 sampled -> 32..52
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_streamed_npz_reads_back_as_what_was_written(tmp_path, compress):
+    volume = np.arange(5 * 6 * 7 * 3, dtype=np.uint8).reshape(5, 6, 7, 3)
+    arrays = {"images": volume[::-1], "z": np.linspace(0, 1, 5), "picked": volume[[0, 3]],
+              "empty": np.zeros((0, 4), np.int16), "meta": np.array('{"uid": "1.2"}')}
+    path = tmp_path / "entry.npz"
+    with open(path, "wb") as f:
+        cache_mod.write_npz(f, arrays, compress)
+    with np.load(path) as npz:
+        assert sorted(npz.files) == sorted(arrays)
+        for name, value in arrays.items():
+            assert npz[name].dtype == value.dtype and np.array_equal(npz[name], value), name
 
 
 @pytest.mark.parametrize("rescale", [Rescale(True, 16, 1.0, -1024.0), Rescale(False, 12, 1.0, -1024.0),
@@ -100,11 +126,11 @@ def test_rerun_skips_and_shards_partition(smoke_dir, tmp_path):
 def test_killed_write_leaves_nothing_served(smoke_dir, tmp_path, monkeypatch):
     uid = sorted(p.name for p in (smoke_dir / "train_images").iterdir())[0]
 
-    def dying_savez(f, **arrays):
+    def dying_write(f, arrays, compress=False):
         f.write(b"PK\x03\x04 half of a zip")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(np, "savez", dying_savez)
+    monkeypatch.setattr(cache_mod, "write_npz", dying_write)
     with pytest.raises(KeyboardInterrupt):
         cache_mod.write_entry(cache_dir(tmp_path, SPEC) / f"{uid}.npz", {"images": np.zeros(3)})
     assert list(cache_dir(tmp_path, SPEC).glob("*.npz")) == []
