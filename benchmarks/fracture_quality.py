@@ -35,13 +35,12 @@ from kernel_utils.gradcam import boxes_for_studies, score_boxes
 from kernel_utils.localisation import (
     LocalisationSettings,
     cross_validate,
+    load_localisation_models,
     localise_all,
     localise_study,
     write_localisation,
 )
 from kernel_utils.metric import VERTEBRAE, competition_loss
-from kernel_utils.models import create_model
-from kernel_utils.training import load_best
 from kernel_utils.windowing import resize_slices
 
 
@@ -67,10 +66,9 @@ def predicted_localisation(data_dir, work_dir, spec, profile) -> None:
     models_dir = work_dir / "localisation" / "models"
     cv = cross_validate(studies, settings, models_dir, progress=False)
     n = len(set(cv["folds"].values()))
-    unets = [load_best(create_model(settings.seg_cfg, 3), models_dir, settings.seg_cfg, k) for k in range(n)]
-    cnns = [load_best(create_model(settings.slice_cfg, 3), models_dir, settings.slice_cfg, k) for k in range(n)]
-    localise_all(iter_cached(data_dir, work_dir, spec), unets, cnns, cv["folds"], settings, work_dir / "localisation",
-                 progress=False)
+    unets, slice_models = load_localisation_models(settings, models_dir, 3, n)
+    localise_all(iter_cached(data_dir, work_dir, spec), unets, slice_models, cv["folds"], settings,
+                 work_dir / "localisation", progress=False)
 
 
 def overridden(settings: FractureSettings, args) -> FractureSettings:

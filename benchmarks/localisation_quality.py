@@ -4,11 +4,14 @@ Per-slice accuracy of the CNN and the RandomForest (seed 000's table) and the 3D
 held-out segmented studies by cross-validation, with the time each took.
 
     python -m benchmarks.localisation_quality --profile bench
+    python -m benchmarks.localisation_quality --profile bench --slice-model resnet18 --epochs 2 --folds 2 \
+        --seg-epochs 0 --tag cpu_pilot   # the CPU pilot of the slice models (no 3D UNet)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
@@ -23,25 +26,41 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--profile", default="bench")
     ap.add_argument("--slice-model", default="tf_efficientnetv2_b0")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--folds", type=int, default=0, help="0: the profile's")
+    ap.add_argument("--epochs", type=int, default=0, help="slice CNN epochs; 0: the profile's")
+    ap.add_argument("--seg-epochs", type=int, default=-1, help="3D UNet epochs; -1: the profile's; 0: not trained "
+                    "(one step, so the run goes through; no Dice reported)")
+    ap.add_argument("--tag", default="", help="added to the results file name")
     args = ap.parse_args(argv)
     data_dir, work_dir = prepared_data(args.profile, workers=args.workers)
     spec = profile_cache_spec(args.profile)
     studies = [{"uid": u, "images": e["images"], "mask": e["mask"]}
                for _, u, e in iter_cached(data_dir, work_dir, spec, ("train",), only_masked=True)]
     settings = LocalisationSettings.for_profile(args.profile, args.slice_model)
+    if args.folds:
+        settings = dataclasses.replace(settings, n_folds=args.folds)
+    if args.epochs:
+        settings = dataclasses.replace(settings, slice_cfg=dataclasses.replace(settings.slice_cfg, epochs=args.epochs))
+    if args.seg_epochs >= 0:
+        steps = 1 if args.seg_epochs == 0 else settings.seg_cfg.max_steps_per_epoch
+        seg = dataclasses.replace(settings.seg_cfg, epochs=max(args.seg_epochs, 1), max_steps_per_epoch=steps)
+        settings = dataclasses.replace(settings, seg_cfg=seg)
     where = "gpu" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
     cv = cross_validate(studies, settings, work_dir / f"localisation_models_{where}")
     acc = accuracy_table(cv["slices"])
     dice = cv["dice"].drop(columns=["uid", "fold"]).mean()
-    name = f"localisation_{args.profile}_{where}"
-    return write_result(name, {
+    name = f"localisation_{args.profile}_{where}" + (f"_{args.tag}" if args.tag else "")
+    result = {
         "profile": args.profile, "segmented_studies": len(studies), "image_size": spec.image_size,
         "seg_size": settings.seg_size, "folds": len(set(cv["folds"].values())),
-        "slice_model": settings.slice_cfg.model, "accuracy": acc.round(4).to_dict(),
-        "dice_per_vertebra": dice.round(4).to_dict(), "mean_dice": float(dice.mean()),
-        "seconds": cv["seconds"], "total_seconds": time.perf_counter() - start,
-        "targets": {"cnn_overall_accuracy": 0.95, "mean_dice": 0.90}})
+        "slice_model": settings.slice_cfg.model, "slice_epochs": settings.slice_cfg.epochs,
+        "sequence_head": settings.sequence_cfg.run_name, "seg_epochs": settings.seg_cfg.epochs,
+        "accuracy": acc.round(4).to_dict(), "seconds": cv["seconds"], "total_seconds": time.perf_counter() - start,
+        "targets": {"cnn_overall_accuracy": 0.95, "mean_dice": 0.90}}
+    if args.seg_epochs != 0:
+        result.update(dice_per_vertebra=dice.round(4).to_dict(), mean_dice=float(dice.mean()))
+    return write_result(name, result)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,13 @@ class LocalisationSettings:
     rf_trees: int = 100
     rf_pixels: int = 16
 
+    @property
+    def sequence_cfg(self) -> TrainConfig:
+        """The BiGRU over the slice classifier's features; its run name follows the classifier's."""
+        return TrainConfig(stage="slice_sequence", model="bigru", epochs=25, batch_size=1, lr=2e-3, patience=6,
+                           max_steps_per_epoch=self.slice_cfg.max_steps_per_epoch,
+                           params=(("features", self.slice_cfg.run_name), ("hidden", 64)))
+
     @staticmethod
     def for_profile(profile: str, slice_model: str = "tf_efficientnetv2_b0", pretrained_path: str = "") -> \
             LocalisationSettings:
@@ -80,6 +87,57 @@ class SliceDataset(Dataset):
         if "presence" in self.studies[s]:
             item["target"] = torch.from_numpy(self.studies[s]["presence"][z].astype(np.float32))
         return item
+
+
+class FeatureSequences(Dataset):
+    """One item a study: image float [Z, F] per-slice features, target float [Z, 7] when presence is known."""
+
+    def __init__(self, features: list[np.ndarray], presence: list[np.ndarray] | None = None):
+        self.features, self.presence = features, presence
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"image": torch.from_numpy(self.features[i])}
+        if self.presence is not None:
+            item["target"] = torch.from_numpy(self.presence[i].astype(np.float32))
+        return item
+
+
+def slice_features(cnn, images: np.ndarray) -> np.ndarray:
+    """The slice classifier's pooled backbone features of every slice: uint8 [Z, S, S, C] -> float32 [Z, F]."""
+    return predict(cnn.backbone, SliceDataset([{"images": images}]))
+
+
+def sequence_probabilities(cnn, head, images: np.ndarray) -> np.ndarray:
+    """P(C1..C7 on each slice) from the CNN features through the BiGRU: uint8 [Z, S, S, C] -> float32 [Z, 7]."""
+    logits = predict(head, FeatureSequences([slice_features(cnn, images)]), batch_size=1)[0]
+    return 1 / (1 + np.exp(-logits))
+
+
+@dataclass
+class SliceModel:
+    """One fold's slice classifier and the BiGRU over its features."""
+
+    cnn: torch.nn.Module
+    head: torch.nn.Module
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [Z, S, S, C] -> P(C1..C7 on each slice) float32 [Z, 7]."""
+        return sequence_probabilities(self.cnn, self.head, images)
+
+
+def load_localisation_models(settings: LocalisationSettings, models_dir: str | os.PathLike, channels: int,
+                             n_folds: int) -> tuple[list[torch.nn.Module], list[SliceModel]]:
+    """The best checkpoints of every fold: (3D UNets, slice models), as notebook 02 trained them."""
+    unets, slice_models = [], []
+    for k in range(n_folds):
+        unets.append(load_best(create_model(settings.seg_cfg, channels), models_dir, settings.seg_cfg, k))
+        cnn = load_best(create_model(settings.slice_cfg, channels), models_dir, settings.slice_cfg, k)
+        head = create_model(settings.sequence_cfg, cnn.backbone.num_features)
+        slice_models.append(SliceModel(cnn, load_best(head, models_dir, settings.sequence_cfg, k)))
+    return unets, slice_models
 
 
 def to_cube(images: np.ndarray, size: int) -> torch.Tensor:
@@ -162,7 +220,8 @@ def cross_validate(studies: list[dict], settings: LocalisationSettings, out_dir:
         studies: dicts with uid, images uint8 [Z, S, S, C], mask uint8 [Z, S, S].
 
     Returns:
-        slices: one row per held-out slice (uid, z, true/rf/cnn C1..C7); dice: one row per held-out study;
+        slices: one row per held-out slice (uid, z, true/rf/cnn/seq C1..C7, seq the CNN + BiGRU); dice: one row per
+        held-out study;
         histories: training curves per (model, fold); folds: uid -> fold; seconds per model.
     """
     out_dir = Path(out_dir)
@@ -171,7 +230,7 @@ def cross_validate(studies: list[dict], settings: LocalisationSettings, out_dir:
     n_folds = max(2, min(settings.n_folds, len(studies)))
     folds = study_folds([s["uid"] for s in studies], n_folds)
     slice_rows, dice_rows, histories = [], [], []
-    seconds = {"random_forest": 0.0, "cnn": 0.0, "unet3d": 0.0}
+    seconds = {"random_forest": 0.0, "cnn": 0.0, "cnn_bigru": 0.0, "unet3d": 0.0}
     for k in tqdm(range(n_folds), desc="localisation folds", disable=not progress):
         train = [s for s in studies if folds[s["uid"]] != k]
         valid = [s for s in studies if folds[s["uid"]] == k]
@@ -187,6 +246,15 @@ def cross_validate(studies: list[dict], settings: LocalisationSettings, out_dir:
         histories.append(hist.assign(model="cnn", fold=k))
         cnn = load_best(cnn, out_dir, settings.slice_cfg, k)
         seconds["cnn"] += time.perf_counter() - start
+        start = time.perf_counter()  # seed 002's second stage: a BiGRU on the sequences of CNN features
+        feats = {s["uid"]: slice_features(cnn, s["images"]) for s in train + valid}
+        head = create_model(settings.sequence_cfg, next(iter(feats.values())).shape[1])
+        hist = fit(head, FeatureSequences([feats[s["uid"]] for s in train], [s["presence"] for s in train]),
+                   FeatureSequences([feats[s["uid"]] for s in valid], [s["presence"] for s in valid]), bce_loss,
+                   settings.sequence_cfg, out_dir, k, progress=progress)
+        histories.append(hist.assign(model="cnn_bigru", fold=k))
+        head = load_best(head, out_dir, settings.sequence_cfg, k)
+        seconds["cnn_bigru"] += time.perf_counter() - start
         start = time.perf_counter()
         unet = create_model(settings.seg_cfg, train[0]["images"].shape[-1])
         hist = fit(unet, VolumeDataset(train, settings.seg_size, augment=True), VolumeDataset(valid, settings.seg_size),
@@ -198,11 +266,13 @@ def cross_validate(studies: list[dict], settings: LocalisationSettings, out_dir:
             rf_prob = np.stack([p[:, 1] if p.shape[1] > 1 else np.zeros(len(p))
                                 for p in rf.predict_proba(rf_features(s["images"], settings.rf_pixels))], axis=1)
             cnn_prob = 1 / (1 + np.exp(-predict(cnn, SliceDataset([{"images": s["images"]}]))))
+            seq_prob = 1 / (1 + np.exp(-predict(head, FeatureSequences([feats[s["uid"]]]), batch_size=1)[0]))
             for z in range(len(s["images"])):
                 slice_rows.append({"uid": s["uid"], "fold": k, "z": z,
                                    **{f"true_C{j}": bool(s["presence"][z, j - 1]) for j in CERVICAL},
                                    **{f"rf_C{j}": float(rf_prob[z, j - 1]) for j in CERVICAL},
-                                   **{f"cnn_C{j}": float(cnn_prob[z, j - 1]) for j in CERVICAL}})
+                                   **{f"cnn_C{j}": float(cnn_prob[z, j - 1]) for j in CERVICAL},
+                                   **{f"seq_C{j}": float(seq_prob[z, j - 1]) for j in CERVICAL}})
             pred = segment(unet, s["images"], settings.seg_size)[0]
             dice_rows.append({"uid": s["uid"], "fold": k, **dice_per_vertebra(pred, s["mask"])})
     return {"slices": pd.DataFrame(slice_rows), "dice": pd.DataFrame(dice_rows),
@@ -210,9 +280,11 @@ def cross_validate(studies: list[dict], settings: LocalisationSettings, out_dir:
 
 
 def accuracy_table(slices: pd.DataFrame, threshold: float = 0.5) -> pd.DataFrame:
-    """Seed 000's table: per-slice accuracy of each vertebra label, and overall (their mean), RF vs CNN."""
+    """Seed 000's table: per-slice accuracy of each vertebra label, and overall (their mean), RF vs CNN, and the
+    CNN with the BiGRU over its features (when `slices` has its columns)."""
     rows = {}
-    for model, name in (("rf", "Random Forest"), ("cnn", "CNN")):
+    models = (("rf", "Random Forest"), ("cnn", "CNN"), ("seq", "CNN + BiGRU"))
+    for model, name in (m for m in models if f"{m[0]}_C1" in slices):
         acc = {v: float(((slices[f"{model}_{v}"] >= threshold) == slices[f"true_{v}"]).mean()) for v in VERTEBRAE}
         acc["Overall"] = float(np.mean(list(acc.values())))
         rows[name] = acc
@@ -289,13 +361,16 @@ def presence_mask(prob: np.ndarray, shape: tuple[int, int, int], threshold: floa
     return mask
 
 
-def localise_all(studies, unets: list, cnns: list, folds: dict[str, int], settings: LocalisationSettings,
-                 out_dir: str | os.PathLike, crop: bool = False, progress: bool = True) -> pd.DataFrame:
+def localise_all(studies, unets: list, slice_models: list[SliceModel], folds: dict[str, int],
+                 settings: LocalisationSettings, out_dir: str | os.PathLike, crop: bool = False,
+                 progress: bool = True) -> pd.DataFrame:
     """Ranges, boxes and masks for every study; writes `vertebrae.csv` and `masks/<uid>.npz` under out_dir.
 
     Args:
         studies: iterable of (split, uid, cache entry) for every train and test study.
-        unets, cnns: the fold models; a segmented study is predicted by the models of its held-out fold only.
+        unets, slice_models: the fold models (`load_localisation_models`); a segmented study is predicted by the
+            models of its held-out fold only; the slice models (CNN + BiGRU) stand in where the 3D model finds
+            nothing.
         folds: uid -> fold of the segmented studies.
 
     Returns:
@@ -308,12 +383,11 @@ def localise_all(studies, unets: list, cnns: list, folds: dict[str, int], settin
         mask, conf = segment([unets[i] for i in pick], entry["images"], settings.seg_size)
         source = "unet3d" + ("_oof" if uid in folds else "")
         if not ((mask >= 1) & (mask <= 7)).any():  # the 3D model found nothing: the slice classifier may
-            logits = np.mean([predict(cnns[i], SliceDataset([{"images": entry["images"]}])) for i in pick], axis=0)
-            prob = 1 / (1 + np.exp(-logits))
+            prob = np.mean([slice_models[i].probabilities(entry["images"]) for i in pick], axis=0)
             mask = presence_mask(prob, entry["images"].shape[:3])
             conf = np.concatenate([[0.0], [float(prob[prob[:, j] >= 0.5, j].mean()) if (prob[:, j] >= 0.5).any()
                                            else 0.0 for j in range(7)]])
-            source = "slice_cnn"
+            source = "slice_cnn_bigru"
         crop_box = tuple(int(v) for v in entry["crop_box"]) if crop else None
         study_rows, repairs = localise_study(mask, conf, entry["slice_numbers"], tuple(entry["original_shape"]),
                                              crop_box, source)

@@ -76,6 +76,29 @@ def _slice_classifier(cfg: TrainConfig, in_channels: int) -> nn.Module:
     return SliceClassifier(timm_backbone(cfg.model, in_channels), 7)
 
 
+class SliceSequenceHead(nn.Module):
+    """Seed 002's second stage, for localisation: a bidirectional GRU over a study's per-slice CNN features, so each
+    slice's C1..C7 call sees the slices above and below it (on one axial slice, C3 to C6 look alike).
+
+    forward: x float [B, Z, F] (the slice classifier's pooled features, head first) -> logits [B, Z, 7].
+    """
+
+    def __init__(self, n_features: int, hidden: int = 64, dropout: float = 0.2, n_outputs: int = 7):
+        super().__init__()
+        self.project = nn.Sequential(nn.Dropout(dropout), nn.Linear(n_features, hidden), nn.ReLU())
+        self.gru = nn.GRU(hidden, hidden, num_layers=2, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(2 * hidden, n_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq, _ = self.gru(self.project(x))
+        return self.head(seq)
+
+
+@register("slice_sequence")
+def _slice_sequence(cfg: TrainConfig, in_channels: int) -> nn.Module:
+    return SliceSequenceHead(in_channels, int(cfg.param("hidden", 64)))
+
+
 @register("seg3d")
 def _seg3d(cfg: TrainConfig, in_channels: int) -> nn.Module:
     from monai.networks.nets import UNet

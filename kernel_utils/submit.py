@@ -21,11 +21,10 @@ import pandas as pd
 from kernel_utils.cache import CacheSpec, build_cache, iter_cached
 from kernel_utils.ensemble import blend
 from kernel_utils.fracture import FractureSettings, build_inputs, load_fold_models, predict_fracture
-from kernel_utils.localisation import LocalisationSettings, localise_all
+from kernel_utils.localisation import LocalisationSettings, load_localisation_models, localise_all
 from kernel_utils.metric import TARGETS
-from kernel_utils.models import create_model
 from kernel_utils.submission import write_submission
-from kernel_utils.training import TrainConfig, load_best
+from kernel_utils.training import TrainConfig
 from kernel_utils.vit import ViTSettings, build_volumes
 
 log = logging.getLogger(__name__)
@@ -197,11 +196,8 @@ def _localise_test(data_dir: Path, work_dir: Path, spec: CacheSpec, timing: Stag
     models_dir = work_dir / "localisation" / "models"
     channels = len(spec.windows)
     with timing.stage("localise") as clock:
-        unets = [load_best(create_model(loc_settings.seg_cfg, channels), models_dir, loc_settings.seg_cfg, k)
-                 for k in range(loc["n_folds"])]
-        cnns = [load_best(create_model(loc_settings.slice_cfg, channels), models_dir, loc_settings.slice_cfg, k)
-                for k in range(loc["n_folds"])]
-        localise_all(clock.timed_data(iter_cached(data_dir, work_dir, spec, ("test",))), unets, cnns, {},
+        unets, slice_models = load_localisation_models(loc_settings, models_dir, channels, loc["n_folds"])
+        localise_all(clock.timed_data(iter_cached(data_dir, work_dir, spec, ("test",))), unets, slice_models, {},
                      loc_settings, work_dir / "localisation_test", crop=spec.crop)
     _merge_localisation(work_dir)
 
