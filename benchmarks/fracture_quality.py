@@ -34,6 +34,7 @@ from kernel_utils.fracture import (
 from kernel_utils.gradcam import boxes_for_studies, score_boxes
 from kernel_utils.localisation import (
     LocalisationSettings,
+    best_range_source,
     cross_validate,
     load_localisation_models,
     localise_all,
@@ -68,7 +69,7 @@ def predicted_localisation(data_dir, work_dir, spec, profile) -> None:
     n = len(set(cv["folds"].values()))
     unets, slice_models = load_localisation_models(settings, models_dir, 3, n)
     localise_all(iter_cached(data_dir, work_dir, spec), unets, slice_models, cv["folds"], settings,
-                 work_dir / "localisation", progress=False)
+                 work_dir / "localisation", range_source=best_range_source(cv), progress=False)
 
 
 def overridden(settings: FractureSettings, args) -> FractureSettings:

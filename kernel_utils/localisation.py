@@ -221,7 +221,7 @@ def cross_validate(studies: list[dict], settings: LocalisationSettings, out_dir:
 
     Returns:
         slices: one row per held-out slice (uid, z, true/rf/cnn/seq C1..C7, seq the CNN + BiGRU); dice: one row per
-        held-out study;
+        held-out study; ranges: slice-range errors per held-out study, vertebra and source (unet3d, cnn_bigru);
         histories: training curves per (model, fold); folds: uid -> fold; seconds per model.
     """
     out_dir = Path(out_dir)
@@ -229,7 +229,7 @@ def cross_validate(studies: list[dict], settings: LocalisationSettings, out_dir:
         s["presence"], _ = slice_targets(s["mask"])
     n_folds = max(2, min(settings.n_folds, len(studies)))
     folds = study_folds([s["uid"] for s in studies], n_folds)
-    slice_rows, dice_rows, histories = [], [], []
+    slice_rows, dice_rows, range_rows, histories = [], [], [], []
     seconds = {"random_forest": 0.0, "cnn": 0.0, "cnn_bigru": 0.0, "unet3d": 0.0}
     for k in tqdm(range(n_folds), desc="localisation folds", disable=not progress):
         train = [s for s in studies if folds[s["uid"]] != k]
@@ -275,8 +275,41 @@ def cross_validate(studies: list[dict], settings: LocalisationSettings, out_dir:
                                    **{f"seq_C{j}": float(seq_prob[z, j - 1]) for j in CERVICAL}})
             pred = segment(unet, s["images"], settings.seg_size)[0]
             dice_rows.append({"uid": s["uid"], "fold": k, **dice_per_vertebra(pred, s["mask"])})
+            truth = ranges_from_presence(s["presence"])
+            for source, found in (("unet3d", slice_targets(pred)[0]), ("cnn_bigru", seq_prob >= 0.5)):
+                range_rows += range_errors(enforce_order(ranges_from_presence(found))[0], truth,
+                                           uid=s["uid"], fold=k, source=source)
     return {"slices": pd.DataFrame(slice_rows), "dice": pd.DataFrame(dice_rows),
-            "histories": pd.concat(histories, ignore_index=True), "folds": folds, "seconds": seconds}
+            "ranges": pd.DataFrame(range_rows), "histories": pd.concat(histories, ignore_index=True),
+            "folds": folds, "seconds": seconds}
+
+
+def range_errors(pred: dict, truth: dict, **keys) -> list[dict]:
+    """Rows of |first| and |last| slice errors of predicted vertebra ranges (nan where one is missed)."""
+    rows = []
+    for k in CERVICAL:
+        if truth[k] is None:
+            continue
+        p = pred[k]
+        first, last = (abs(p[0] - truth[k][0]), abs(p[1] - truth[k][1])) if p is not None else (np.nan, np.nan)
+        rows.append({**keys, "vertebra": f"C{k}", "first_error": first, "last_error": last})
+    return rows
+
+
+def range_table(ranges: pd.DataFrame) -> pd.DataFrame:
+    """Per source: mean |first| and |last| errors in slices, share of vertebrae within one slice at both ends,
+    share missed; the best source first: fewest missed, then the lowest mean error (held-out studies)."""
+    worst = ranges[["first_error", "last_error"]].max(axis=1)
+    table = ranges.assign(within_1=worst <= 1, missed=worst.isna()).groupby("source").agg(
+        first_error=("first_error", "mean"), last_error=("last_error", "mean"), within_1=("within_1", "mean"),
+        missed=("missed", "mean"))
+    table["mean_error"] = table[["first_error", "last_error"]].mean(axis=1)
+    return table.sort_values(["missed", "mean_error"])
+
+
+def best_range_source(cv: dict) -> str:
+    """The range source of `range_table`'s first row: the one closest to the truth out of fold."""
+    return str(range_table(cv["ranges"]).index[0])
 
 
 def accuracy_table(slices: pd.DataFrame, threshold: float = 0.5) -> pd.DataFrame:
@@ -317,7 +350,7 @@ def segment(models, images: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarr
 
 def localise_study(mask: np.ndarray, confidence: np.ndarray, slice_numbers: np.ndarray,
                    original_shape: tuple[int, int, int], crop_box: tuple[int, int, int, int] | None,
-                   source: str) -> tuple[list[dict], list[str]]:
+                   source: str, presence: np.ndarray | None = None) -> tuple[list[dict], list[str]]:
     """Per-vertebra rows of one study from its mask on the cache grid, after the consistency repairs.
 
     Args:
@@ -326,13 +359,15 @@ def localise_study(mask: np.ndarray, confidence: np.ndarray, slice_numbers: np.n
         slice_numbers: [Z] file slice numbers, head first.
         original_shape: (Z, H, W) of the DICOM series.
         crop_box: (y0, y1, x0, x1) in original pixels when the cache was cropped, else None.
-        source: which model made the mask.
+        source: which model made the ranges.
+        presence: bool [Z, 7] the slices of each vertebra when another model than the mask's says them (the
+            mask then gives only the in-plane boxes); None: from the mask.
 
     Returns:
         Rows with vertebra, found, first/last (head-first index), first/last_slice_number, box y0..x1 on the
         cache grid and orig_y0..orig_x1 in DICOM pixels, confidence, source; and the repairs made.
     """
-    presence, _ = slice_targets(mask)
+    presence = slice_targets(mask)[0] if presence is None else presence
     ranges, repairs = enforce_order(ranges_from_presence(presence))
     size_y, size_x = mask.shape[1:]
     oy0, oy1, ox0, ox1 = crop_box if crop_box is not None else (0, original_shape[1], 0, original_shape[2])
@@ -344,13 +379,22 @@ def localise_study(mask: np.ndarray, confidence: np.ndarray, slice_numbers: np.n
                "confidence": float(confidence[k]) if r is not None else 0.0}
         if r is not None:
             first, last = max(r[0], 0), min(r[1], len(mask) - 1)
-            box = box_of(mask, k, first, last) or (0, size_y, 0, size_x)
+            box = box_of(mask, k, first, last) or box_of(mask, k, 0, len(mask) - 1) or (0, size_y, 0, size_x)
             row.update(first=first, last=last, first_slice_number=int(slice_numbers[first]),
                        last_slice_number=int(slice_numbers[last]), y0=box[0], y1=box[1], x0=box[2], x1=box[3],
                        orig_y0=int(oy0 + round(box[0] * sy)), orig_y1=int(oy0 + round(box[1] * sy)),
                        orig_x0=int(ox0 + round(box[2] * sx)), orig_x1=int(ox0 + round(box[3] * sx)))
         rows.append(row)
     return rows, repairs
+
+
+def presence_confidence(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """P(Ck) [Z, 7] -> float32 [8] (index k for Ck): the mean probability over the slices called present."""
+    conf = np.zeros(8, dtype=np.float32)
+    for j in range(7):
+        on = prob[:, j] >= threshold
+        conf[j + 1] = float(prob[on, j].mean()) if on.any() else 0.0
+    return conf
 
 
 def presence_mask(prob: np.ndarray, shape: tuple[int, int, int], threshold: float = 0.5) -> np.ndarray:
@@ -363,7 +407,7 @@ def presence_mask(prob: np.ndarray, shape: tuple[int, int, int], threshold: floa
 
 def localise_all(studies, unets: list, slice_models: list[SliceModel], folds: dict[str, int],
                  settings: LocalisationSettings, out_dir: str | os.PathLike, crop: bool = False,
-                 progress: bool = True) -> pd.DataFrame:
+                 range_source: str = "unet3d", progress: bool = True) -> pd.DataFrame:
     """Ranges, boxes and masks for every study; writes `vertebrae.csv` and `masks/<uid>.npz` under out_dir.
 
     Args:
@@ -372,6 +416,8 @@ def localise_all(studies, unets: list, slice_models: list[SliceModel], folds: di
             models of its held-out fold only; the slice models (CNN + BiGRU) stand in where the 3D model finds
             nothing.
         folds: uid -> fold of the segmented studies.
+        range_source: "unet3d" (slice ranges from the 3D mask) or "cnn_bigru" (from the slice models; the 3D
+            mask gives the boxes); `range_table` of the cross-validation says which is closer to the truth.
 
     Returns:
         One row per study and vertebra (see `localise_study`), plus split, uid, no_cervical and repairs.
@@ -385,12 +431,16 @@ def localise_all(studies, unets: list, slice_models: list[SliceModel], folds: di
         if not ((mask >= 1) & (mask <= 7)).any():  # the 3D model found nothing: the slice classifier may
             prob = np.mean([slice_models[i].probabilities(entry["images"]) for i in pick], axis=0)
             mask = presence_mask(prob, entry["images"].shape[:3])
-            conf = np.concatenate([[0.0], [float(prob[prob[:, j] >= 0.5, j].mean()) if (prob[:, j] >= 0.5).any()
-                                           else 0.0 for j in range(7)]])
+            conf = presence_confidence(prob)
             source = "slice_cnn_bigru"
+        presence = None
+        if range_source == "cnn_bigru" and source != "slice_cnn_bigru":
+            prob = np.mean([slice_models[i].probabilities(entry["images"]) for i in pick], axis=0)
+            presence, conf = prob >= 0.5, presence_confidence(prob)
+            source = "cnn_bigru+" + source
         crop_box = tuple(int(v) for v in entry["crop_box"]) if crop else None
         study_rows, repairs = localise_study(mask, conf, entry["slice_numbers"], tuple(entry["original_shape"]),
-                                             crop_box, source)
+                                             crop_box, source, presence)
         for r in repairs:
             log.warning("%s: %s", uid, r)
         no_cervical = not any(r["found"] for r in study_rows)
@@ -418,10 +468,13 @@ def write_localisation(masks_dir: Path, uid: str, mask: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def save_localisation_meta(out_dir: str | os.PathLike, settings: LocalisationSettings, n_folds: int) -> Path:
-    """`localisation.json`: the configs and the number of folds trained, for inference without notebook 02."""
+def save_localisation_meta(out_dir: str | os.PathLike, settings: LocalisationSettings, n_folds: int,
+                           range_source: str = "unet3d") -> Path:
+    """`localisation.json`: the configs, the number of folds trained and the range source chosen out of fold,
+    for inference without notebook 02."""
     path = Path(out_dir) / "localisation.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"slice_cfg": settings.slice_cfg.to_json(), "seg_cfg": settings.seg_cfg.to_json(),
-                                "seg_size": settings.seg_size, "n_folds": n_folds}, indent=1, default=str))
+                                "seg_size": settings.seg_size, "n_folds": n_folds, "range_source": range_source},
+                               indent=1, default=str))
     return path

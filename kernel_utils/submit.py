@@ -198,7 +198,8 @@ def _localise_test(data_dir: Path, work_dir: Path, spec: CacheSpec, timing: Stag
     with timing.stage("localise") as clock:
         unets, slice_models = load_localisation_models(loc_settings, models_dir, channels, loc["n_folds"])
         localise_all(clock.timed_data(iter_cached(data_dir, work_dir, spec, ("test",))), unets, slice_models, {},
-                     loc_settings, work_dir / "localisation_test", crop=spec.crop)
+                     loc_settings, work_dir / "localisation_test", crop=spec.crop,
+                     range_source=loc.get("range_source", "unet3d"))
     _merge_localisation(work_dir)
 
 

@@ -140,3 +140,33 @@ def test_the_sequence_head_tells_alike_slices_apart_by_their_order():
         body = torch.cat([((head(x) > 0) == (y > 0.5))[0, :, 2:6].flatten() for x, y in held_out]).float()
     # one slice at a time the best call for C3..C6 on a body slice is "absent": right 3 times in 4
     assert float(body.mean()) > 0.95
+
+
+def test_range_errors_and_the_better_source_first():
+    import pandas as pd
+
+    from kernel_utils.localisation import range_errors, range_table
+
+    truth = {k: (10 * k, 10 * k + 8) for k in range(1, 8)}
+    close = {k: (10 * k + 1, 10 * k + 8) for k in range(1, 8)}
+    far = {**{k: (10 * k - 3, 10 * k + 8) for k in range(1, 7)}, 7: None}
+    rows = range_errors(close, truth, source="close") + range_errors(far, truth, source="far")
+    assert rows[0] == {"source": "close", "vertebra": "C1", "first_error": 1, "last_error": 0}
+    table = range_table(pd.DataFrame(rows))
+    assert list(table.index) == ["close", "far"]
+    assert table.loc["close", "within_1"] == 1.0 and table.loc["far", "missed"] == pytest.approx(1 / 7)
+    assert table.loc["far", "first_error"] == 3.0
+
+
+def test_ranges_from_another_model_keep_the_mask_boxes(rendered):
+    mask = rendered.labels
+    presence = slice_targets(mask)[0].copy()
+    first = int(np.flatnonzero(presence[:, 2])[0])
+    presence[first, 2] = False  # the slice model starts C3 one slice lower
+    rows, _ = localise_study(mask, np.full(8, 0.9), rendered.slice_numbers, (len(mask), 48, 48), None, "test",
+                             presence)
+    c3 = next(r for r in rows if r["vertebra"] == "C3")
+    from_mask = next(r for r in localise_study(mask, np.full(8, 0.9), rendered.slice_numbers, (len(mask), 48, 48),
+                                               None, "test")[0] if r["vertebra"] == "C3")
+    assert c3["first"] == from_mask["first"] + 1 and c3["last"] == from_mask["last"]
+    assert 0 <= c3["y0"] < c3["y1"] <= 48 and (c3["x0"], c3["x1"]) != (0, 48)
