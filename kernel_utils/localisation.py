@@ -441,8 +441,8 @@ def localise_all(studies, unets: list, slice_models: list[SliceModel], folds: di
         crop_box = tuple(int(v) for v in entry["crop_box"]) if crop else None
         study_rows, repairs = localise_study(mask, conf, entry["slice_numbers"], tuple(entry["original_shape"]),
                                              crop_box, source, presence)
-        for r in repairs:
-            log.warning("%s: %s", uid, r)
+        for r in repairs:  # logged at INFO: the table's `repairs` column keeps them, the notebook counts them
+            log.info("%s: %s", uid, r)
         no_cervical = not any(r["found"] for r in study_rows)
         if no_cervical:
             log.warning("%s: no cervical vertebra found; later stages use the whole study", uid)
