@@ -18,7 +18,7 @@ import torch
 
 from benchmarks.common import prepared_data, write_result
 from kernel_utils.cache import iter_cached, profile_cache_spec
-from kernel_utils.localisation import LocalisationSettings, accuracy_table, cross_validate
+from kernel_utils.localisation import LocalisationSettings, accuracy_table, cross_validate, range_table
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -58,8 +58,12 @@ def main(argv: list[str] | None = None) -> dict:
         "sequence_head": settings.sequence_cfg.run_name, "seg_epochs": settings.seg_cfg.epochs,
         "accuracy": acc.round(4).to_dict(), "seconds": cv["seconds"], "total_seconds": time.perf_counter() - start,
         "targets": {"cnn_overall_accuracy": 0.95, "mean_dice": 0.90}}
+    ranges = range_table(cv["ranges"])
     if args.seg_epochs != 0:
         result.update(dice_per_vertebra=dice.round(4).to_dict(), mean_dice=float(dice.mean()))
+    else:
+        ranges = ranges.drop(index="unet3d", errors="ignore")
+    result["slice_range_errors"] = ranges.round(4).to_dict(orient="index")  # held-out studies, in slices
     return write_result(name, result)
 
 
