@@ -110,9 +110,9 @@ def slice_features(cnn, images: np.ndarray) -> np.ndarray:
     return predict(cnn.backbone, SliceDataset([{"images": images}]))
 
 
-def sequence_probabilities(cnn, head, images: np.ndarray) -> np.ndarray:
-    """P(C1..C7 on each slice) from the CNN features through the BiGRU: uint8 [Z, S, S, C] -> float32 [Z, 7]."""
-    logits = predict(head, FeatureSequences([slice_features(cnn, images)]), batch_size=1)[0]
+def sequence_probabilities(head, features: np.ndarray) -> np.ndarray:
+    """P(C1..C7 on each slice) through the BiGRU: a study's slice features float32 [Z, F] -> float32 [Z, 7]."""
+    logits = predict(head, FeatureSequences([features]), batch_size=1)[0]
     return 1 / (1 + np.exp(-logits))
 
 
@@ -125,7 +125,7 @@ class SliceModel:
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """uint8 [Z, S, S, C] -> P(C1..C7 on each slice) float32 [Z, 7]."""
-        return sequence_probabilities(self.cnn, self.head, images)
+        return sequence_probabilities(self.head, slice_features(self.cnn, images))
 
 
 def load_localisation_models(settings: LocalisationSettings, models_dir: str | os.PathLike, channels: int,
@@ -266,7 +266,7 @@ def cross_validate(studies: list[dict], settings: LocalisationSettings, out_dir:
             rf_prob = np.stack([p[:, 1] if p.shape[1] > 1 else np.zeros(len(p))
                                 for p in rf.predict_proba(rf_features(s["images"], settings.rf_pixels))], axis=1)
             cnn_prob = 1 / (1 + np.exp(-predict(cnn, SliceDataset([{"images": s["images"]}]))))
-            seq_prob = 1 / (1 + np.exp(-predict(head, FeatureSequences([feats[s["uid"]]]), batch_size=1)[0]))
+            seq_prob = sequence_probabilities(head, feats[s["uid"]])
             for z in range(len(s["images"])):
                 slice_rows.append({"uid": s["uid"], "fold": k, "z": z,
                                    **{f"true_C{j}": bool(s["presence"][z, j - 1]) for j in CERVICAL},
