@@ -46,8 +46,11 @@ def main(argv: list[str] | None = None) -> dict:
         seg = dataclasses.replace(settings.seg_cfg, epochs=max(args.seg_epochs, 1), max_steps_per_epoch=steps)
         settings = dataclasses.replace(settings, seg_cfg=seg)
     where = "gpu" if torch.cuda.is_available() else "cpu"
+    models_dir = work_dir / f"localisation_models_{where}"
+    # a rerun resumes finished trainings from their checkpoints: its seconds are then not training times
+    reused = sorted(p.name for p in models_dir.glob("*_last.pt")) if models_dir.is_dir() else []
     start = time.perf_counter()
-    cv = cross_validate(studies, settings, work_dir / f"localisation_models_{where}")
+    cv = cross_validate(studies, settings, models_dir)
     acc = accuracy_table(cv["slices"])
     dice = cv["dice"].drop(columns=["uid", "fold"]).mean()
     name = f"localisation_{args.profile}_{where}" + (f"_{args.tag}" if args.tag else "")
@@ -57,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
         "slice_model": settings.slice_cfg.model, "slice_epochs": settings.slice_cfg.epochs,
         "sequence_head": settings.sequence_cfg.run_name, "seg_epochs": settings.seg_cfg.epochs,
         "accuracy": acc.round(4).to_dict(), "seconds": cv["seconds"], "total_seconds": time.perf_counter() - start,
+        "checkpoints_reused": reused,
         "targets": {"cnn_overall_accuracy": 0.95, "mean_dice": 0.90}}
     ranges = range_table(cv["ranges"])
     if args.seg_epochs != 0:
