@@ -129,18 +129,20 @@ def plot_loss_curves(histories, title: str = "loss curves"):
     return fig
 
 
-def plot_slice_labels(slices, uid: str, models: tuple[str, ...] = ("true", "rf", "cnn")):
-    """Per-slice C1..C7 along the slice axis (head at the left) for one study: truth and each model's probability.
+def plot_slice_labels(slices, uid: str, models: tuple[str, ...] = ("true", "rf", "cnn", "seq")):
+    """Per-slice C1..C7 along the slice axis (head at the left) for one study: truth and each model's probability
+    (seq: the CNN + BiGRU).
 
-    slices: DataFrame with uid, z and columns `{model}_C1..C7`.
+    slices: DataFrame with uid, z and columns `{model}_C1..C7`; models without columns there are left out.
     """
+    models = tuple(m for m in models if f"{m}_C1" in slices)
     part = slices[slices["uid"] == uid].sort_values("z")
     fig, axes = plt.subplots(len(models), 1, figsize=(12, 1.6 * len(models)), squeeze=False, sharex=True)
     for ax, model in zip(axes[:, 0], models, strict=True):
         values = part[[f"{model}_C{k}" for k in range(1, 8)]].to_numpy(dtype=float).T
         ax.imshow(values, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
         ax.set_yticks(range(7), [f"C{k}" for k in range(1, 8)], fontsize=7)
-        ax.set_ylabel(model)
+        ax.set_ylabel({"true": "truth", "rf": "RF", "cnn": "CNN", "seq": "CNN+BiGRU"}.get(model, model), fontsize=8)
     axes[-1, 0].set_xlabel("slice (head first)")
     fig.suptitle(f"{uid}: vertebrae along the slice axis")
     fig.tight_layout()
