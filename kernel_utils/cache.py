@@ -29,7 +29,15 @@ from tqdm.auto import tqdm
 
 from kernel_utils.dicom_io import SliceHeader, in_head_first_order, list_slices, scan_study
 from kernel_utils.nifti_align import load_segmentation
-from kernel_utils.windowing import OTSU_STEP, SEED002_WINDOWS, SliceWindower, Window, otsu_box, resize_slices, window
+from kernel_utils.windowing import (
+    OTSU_STEP,
+    SEED002_WINDOWS,
+    SliceWindower,
+    Window,
+    bone_window,
+    otsu_box,
+    resize_slices,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +139,7 @@ def window_study(study_dir: str | os.PathLike, spec: CacheSpec, segmentation_pat
                 state["images"] = _ScratchImages.get(shape) if reuse_buffer else np.empty(shape, dtype=np.uint8)
         table = bone_tables.get(header.rescale)
         if table is None:  # the gross-bone window of every stored bit pattern, for the Otsu box
-            table = bone_tables[header.rescale] = window(header.rescale.hu_table(), 400, 650)
+            table = bone_tables[header.rescale] = bone_window(header.rescale.hu_table())
         np.take(table, raw[::OTSU_STEP, ::OTSU_STEP].view(np.uint16), out=state["thumbs"][k])
         if spec.crop:
             state["stored"][k] = raw.view(np.int16)

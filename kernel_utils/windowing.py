@@ -21,7 +21,8 @@ class Window:
     width: float
 
 
-SEED002_WINDOWS = (Window("soft_tissue", 80, 300), Window("standard_bone", 500, 1800), Window("gross_bone", 400, 650))
+GROSS_BONE = Window("gross_bone", 400, 650)
+SEED002_WINDOWS = (Window("soft_tissue", 80, 300), Window("standard_bone", 500, 1800), GROSS_BONE)
 
 
 def window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
@@ -91,9 +92,14 @@ def window_slices(hu: np.ndarray, windows: tuple[Window, ...] = SEED002_WINDOWS)
 OTSU_STEP = 4  # the Otsu projection is made at quarter resolution: every slice counts, at about 0.01 ms a slice
 
 
+def bone_window(hu: np.ndarray) -> np.ndarray:
+    """HU (any shape) -> uint8: seed 002's gross-bone window (W650/L400), the one its Otsu crop thresholds."""
+    return window(hu, GROSS_BONE.level, GROSS_BONE.width)
+
+
 def bone_thumbnails(hu: np.ndarray) -> np.ndarray:
-    """HU [..., H, W] -> uint8 [..., ceil(H/4), ceil(W/4)]: the gross-bone window (W650/L400) of every 4th pixel."""
-    return window(hu[..., ::OTSU_STEP, ::OTSU_STEP], 400, 650)
+    """HU [..., H, W] -> uint8 [..., ceil(H/4), ceil(W/4)]: the gross-bone window of every 4th pixel."""
+    return bone_window(hu[..., ::OTSU_STEP, ::OTSU_STEP])
 
 
 def otsu_crop_box(hu: np.ndarray, margin: float = 0.05, square: bool = True) -> tuple[int, int, int, int]:
