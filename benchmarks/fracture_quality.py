@@ -31,6 +31,7 @@ from kernel_utils.fracture import (
     load_fold_models,
     predict_fracture,
 )
+from kernel_utils.fracture_data import slice_targets_of
 from kernel_utils.gradcam import boxes_for_studies, score_boxes
 from kernel_utils.localisation import (
     LocalisationSettings,
@@ -111,8 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         uids, inputs, metas = build_inputs(data_dir, work_dir, spec, settings, "train")
         t1 = time.perf_counter()
+        slice_targets = slice_targets_of(uids, metas, labels, boxes_true) if form == "study" else None
         cv = cross_validate_fracture(uids, inputs, labels, settings, work_dir / f"fracture_models_{where}",
-                                     progress=False)
+                                     progress=False, slice_targets=slice_targets)
         t2 = time.perf_counter()
         tu, ti, _ = build_inputs(data_dir, work_dir, spec, settings, "test")
         t3 = time.perf_counter()

@@ -76,6 +76,11 @@ def vertebra_stacks(images: np.ndarray, mask: np.ndarray | None, ranges: pd.Data
     return out, used, boxes
 
 
+def study_slices(z_n: int, n_slices: int) -> np.ndarray:
+    """The slice indices the study-level form samples from a study of z_n slices, int [N]."""
+    return evenly_spaced(0, z_n - 1, n_slices)
+
+
 def study_sequence(images: np.ndarray, crop_box: tuple[int, int, int, int] | None, n_slices: int = 32,
                    size: int = 64) -> np.ndarray:
     """Seed 002's input: n_slices evenly spaced slices, three windows, cropped to crop_box (cache pixels).
@@ -85,7 +90,7 @@ def study_sequence(images: np.ndarray, crop_box: tuple[int, int, int, int] | Non
     """
     z_n, h, w = images.shape[:3]
     y0, y1, x0, x1 = crop_box if crop_box is not None else (0, h, 0, w)
-    zs = evenly_spaced(0, z_n - 1, n_slices)
+    zs = study_slices(z_n, n_slices)
     out = np.empty((n_slices, images.shape[3], size, size), dtype=np.uint8)
     for i, z in enumerate(zs):
         img = cv2.resize(np.ascontiguousarray(images[z, y0:y1, x0:x1]), (size, size), interpolation=cv2.INTER_AREA)
@@ -104,18 +109,21 @@ def crop_box_on_cache(entry: dict) -> tuple[int, int, int, int]:
 
 class FractureDataset(Dataset):
     """Inputs uint8 [..., C, H, W] with wide targets [8]; augmentation: left-right flip, small rotation and
-    shift (one transform per sample, all slices alike), intensity jitter of the image channels."""
+    shift (one transform per sample, all slices alike; off with rotate_shift=False), intensity jitter of the
+    image channels."""
 
     def __init__(self, inputs: list[np.ndarray], targets: np.ndarray | None, augment: bool = False,
-                 image_channels: int | None = None):
+                 image_channels: int | None = None, rotate_shift: bool = True):
         self.inputs, self.targets, self.augment = inputs, targets, augment
-        self.image_channels = image_channels
+        self.image_channels, self.rotate_shift = image_channels, rotate_shift
 
     def __len__(self) -> int:
         return len(self.inputs)
 
     def _augment(self, x: np.ndarray) -> np.ndarray:
         rng = np.random  # the global stream: seeded by the training loop, and per DataLoader worker
+        if not self.rotate_shift:
+            return np.ascontiguousarray(x[..., ::-1]) if rng.random() < 0.5 else x
         shape = x.shape
         side = shape[-1]
         planes = x.reshape(-1, side, side).transpose(1, 2, 0)  # [H, W, everything else]
@@ -146,6 +154,24 @@ class FractureDataset(Dataset):
         if self.targets is not None:
             item["target"] = torch.from_numpy(self.targets[i].astype(np.float32))
         return item
+
+
+def slice_targets_of(uids: list[str], metas: list[dict], labels: pd.DataFrame, boxes: pd.DataFrame) -> np.ndarray:
+    """Image-level labels of the study form's sampled slices (seed 002 trains its CNN on them first), float32
+    [S, N]: 1 where `train_bounding_boxes.csv` boxes the slice, 0 on every slice of a study without fracture and on
+    the unboxed slices of a boxed study, nan where nobody knows (a fractured study without boxes).
+
+    metas: `build_inputs` metas of the study form (`used`: the sampled slice indices, `slice_numbers`)."""
+    fractured = labels.set_index("StudyInstanceUID")["patient_overall"]
+    boxed = {uid: set(part.slice_number.astype(int)) for uid, part in boxes.groupby("StudyInstanceUID")}
+    out = np.full((len(uids), len(metas[0]["used"]) if metas else 0), np.nan, dtype=np.float32)
+    for i, (uid, meta) in enumerate(zip(uids, metas, strict=True)):
+        numbers = np.asarray(meta["slice_numbers"])[meta["used"]]
+        if uid in boxed:
+            out[i] = np.isin(numbers, list(boxed[uid]))
+        elif not fractured.get(uid, 1):
+            out[i] = 0
+    return out
 
 
 def targets_of(labels: pd.DataFrame, uids: list[str]) -> np.ndarray:

@@ -2,7 +2,8 @@
 competition-weighted loss.
 
 Per-vertebra: x [B, 7, N, C, H, W] (7 vertebrae, N slices each, C = neighbouring slices + mask) ->
-logits [B, 8] (C1..C7, then a patient head). Study-level: x [B, N, C, H, W] -> logits [B, 8].
+logits [B, 8] (C1..C7, then a patient head); trained on single vertebrae, x [B, N, C, H, W] -> logits [B, 1],
+then the patient head on the frozen vertebra features. Study-level: x [B, N, C, H, W] -> logits [B, 8].
 """
 
 from __future__ import annotations
@@ -30,6 +31,19 @@ def batch_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     return competition_bce(logits, batch["target"])
 
 
+def vertebra_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The metric's vertebra weights (2 positive, 1 negative) over a batch of single vertebrae: the weighted BCE
+    summed over the batch over the weight sum. logits, target float [B, 1]."""
+    logits, target = logits.float(), target.float()
+    w = torch.where(target > 0.5, POSITIVE_WEIGHTS[0], NEGATIVE_WEIGHTS[0]).to(logits.device)
+    bce = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return (bce * w).sum() / w.sum()
+
+
+def vertebra_batch_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    return vertebra_bce(logits, batch["target"])
+
+
 class SequenceEncoder(nn.Module):
     """A timm CNN on every slice, then a bidirectional LSTM over the slices, mean- and max-pooled.
 
@@ -42,6 +56,19 @@ class SequenceEncoder(nn.Module):
         self.lstm = nn.LSTM(backbone.num_features, hidden, batch_first=True, bidirectional=True)
         self.dropout = nn.Dropout(dropout)
         self.out_features = 4 * hidden
+        self.backbone_frozen = False
+
+    def freeze_backbone(self) -> None:
+        """Seed 002's second phase: the CNN stays as trained on slices (no gradient, batch norm in eval mode)."""
+        self.backbone_frozen = True
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+
+    def train(self, mode: bool = True) -> SequenceEncoder:
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()
+        return self
 
     def slice_features(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, N, C, H, W] -> per-slice CNN features [B, N, F]."""
@@ -57,7 +84,8 @@ class VertebraCnnLstm(nn.Module):
     """Per-vertebra model: the same encoder on each vertebra's slice sequence, one logit per vertebra, and a
     patient head over the seven vertebra features.
 
-    forward: x [B, 7, N, C, H, W] -> logits [B, 8] (C1..C7, patient_overall).
+    forward: x [B, 7, N, C, H, W] -> logits [B, 8] (C1..C7, patient_overall); one vertebra's sequence
+    x [B, N, C, H, W] -> its logit [B, 1] (how it is trained: seven times the samples of whole studies).
     """
 
     def __init__(self, encoder: SequenceEncoder):
@@ -67,11 +95,35 @@ class VertebraCnnLstm(nn.Module):
         self.patient_head = nn.Sequential(nn.Linear(2 * encoder.out_features, 64), nn.ReLU(), nn.Linear(64, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 5:
+            return self.vertebra_head(self.encoder(x))
+        feats = self.vertebra_features(x)
+        return torch.cat([self.vertebra_head(feats).squeeze(-1), self.patient_logit(feats)], dim=1)
+
+    def vertebra_features(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, 7, N, C, H, W] -> encoder features [B, 7, F]."""
         b, v = x.shape[:2]
-        feats = self.encoder(x.flatten(0, 1)).view(b, v, -1)  # [B, 7, F]
-        vertebra = self.vertebra_head(feats).squeeze(-1)  # [B, 7]
-        patient = self.patient_head(torch.cat([feats.mean(dim=1), feats.amax(dim=1)], dim=1))  # [B, 1]
-        return torch.cat([vertebra, patient], dim=1)
+        return self.encoder(x.flatten(0, 1)).view(b, v, -1)
+
+    def patient_logit(self, feats: torch.Tensor) -> torch.Tensor:
+        """Vertebra features [B, 7, F] -> patient_overall logit [B, 1]."""
+        return self.patient_head(torch.cat([feats.mean(dim=1), feats.amax(dim=1)], dim=1))
+
+
+class SliceFracture(nn.Module):
+    """Seed 002's first phase: the study model's CNN with a one-logit head, trained on single slices with
+    image-level labels; it shares the backbone module, so training it trains the study model's CNN.
+
+    forward: x [B, C, H, W] -> logits [B, 1].
+    """
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.num_features, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
 
 
 class StudyCnnLstm(nn.Module):

@@ -116,7 +116,7 @@ def checkpoint_paths(out_dir: Path, cfg: TrainConfig, fold: int) -> tuple[Path, 
     return base.with_name(base.name + "_best.pt"), base.with_name(base.name + "_last.pt")
 
 
-def _atomic_save(obj, path: Path) -> None:
+def atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -192,11 +192,11 @@ def fit(model: torch.nn.Module, train_ds: Dataset, valid_ds: Dataset | None, los
         improved = score < best
         if improved:
             best, stale = score, 0
-            _atomic_save({"model": acc.unwrap_model(model).state_dict(), "config": cfg.to_json(), "epoch": epoch,
+            atomic_save({"model": acc.unwrap_model(model).state_dict(), "config": cfg.to_json(), "epoch": epoch,
                           "score": score}, best_path)
         else:
             stale += 1
-        _atomic_save({"model": acc.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+        atomic_save({"model": acc.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
                       "schedule": schedule.state_dict(), "history": history, "epoch": epoch, "best": best,
                       "stale": stale, "config": cfg.to_json()}, last_path)
     return pd.DataFrame(history)

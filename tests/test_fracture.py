@@ -9,17 +9,33 @@ import torch
 from conftest import one_step_lowers_loss
 from torch import nn
 
-from kernel_utils.fracture import FractureSettings, with_patient_mode
-from kernel_utils.fracture_data import FractureDataset, evenly_spaced, study_sequence, vertebra_stacks
+from kernel_utils.fracture import (
+    FractureSettings,
+    cross_validate_fracture,
+    fit_patient_head,
+    slice_phase_config,
+    vertebra_samples,
+    with_patient_mode,
+)
+from kernel_utils.fracture_data import (
+    FractureDataset,
+    evenly_spaced,
+    slice_targets_of,
+    study_sequence,
+    vertebra_stacks,
+)
 from kernel_utils.fracture_models import (
     SequenceEncoder,
+    StudyCnnLstm,
     VertebraCnnLstm,
     competition_bce,
     patient_from_vertebrae,
+    vertebra_bce,
 )
 from kernel_utils.gradcam import cam_box, iou, score_boxes, vertebra_gradcam
 from kernel_utils.metric import TARGETS, competition_loss
-from kernel_utils.models import create_model
+from kernel_utils.models import create_model, timm_backbone
+from kernel_utils.training import checkpoint_paths
 
 
 @pytest.mark.parametrize("form, shape", [("vertebra", (2, 7, 5, 4, 32, 32)), ("study", (2, 8, 3, 32, 32))])
@@ -50,6 +66,104 @@ def test_one_training_step_lowers_the_loss_on_a_fixed_batch():
     assert after < before
 
 
+def test_a_single_vertebra_forward_is_its_column_of_the_study_forward():
+    torch.manual_seed(0)
+    model = create_model(FractureSettings.for_profile("smoke", "vertebra", "resnet10t").cfg, 4).eval()
+    x = torch.rand(2, 7, 3, 4, 32, 32)
+    with torch.no_grad():
+        study = model(x)
+        single = model(x[1])  # study 1's seven vertebrae as a batch of seven sequences
+    assert study.shape == (2, 8) and single.shape == (7, 1)
+    assert torch.allclose(single[:, 0], study[1, :7], atol=1e-5)
+
+
+def test_vertebra_samples_pair_each_vertebra_with_its_label():
+    inputs = [np.full((7, 2, 4, 8, 8), 10 * s, dtype=np.uint8) + np.arange(7, dtype=np.uint8)[:, None, None, None,
+                                                                                              None]
+              for s in range(2)]
+    targets = np.zeros((2, 8), dtype=np.float32)
+    targets[1, [2, 7]] = 1  # study 1: C3 fractured
+    ds = vertebra_samples(inputs, targets, augment=False, image_channels=3)
+    assert len(ds) == 14
+    item = ds[7 + 2]  # study 1, C3
+    assert item["image"].shape == (2, 4, 8, 8) and item["target"].tolist() == [1.0]
+    assert float(item["image"].max()) == pytest.approx(12 / 255)
+    assert [float(ds[i]["target"][0]) for i in range(14)] == [0.0] * 9 + [1.0] + [0.0] * 4
+
+
+def test_vertebra_loss_uses_the_metric_weights():
+    logits, target = torch.tensor([[0.0], [0.0], [2.0]]), torch.tensor([[1.0], [0.0], [0.0]])
+    bce = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")[:, 0]
+    assert float(vertebra_bce(logits, target)) == pytest.approx(float((2 * bce[0] + bce[1] + bce[2]) / 4))
+
+
+def test_the_patient_head_learns_from_frozen_vertebra_features():
+    """Features say how bright each vertebra is; the patient is fractured when any vertebra is bright."""
+    torch.manual_seed(0)
+    model = VertebraCnnLstm(SequenceEncoder(_BrightSpot(), hidden=4))
+    rng = np.random.default_rng(0)
+    inputs, targets = [], np.zeros((40, 8), dtype=np.float32)
+    for s in range(40):
+        x = np.zeros((7, 2, 2, 16, 16), dtype=np.uint8)
+        if s % 2:
+            k = rng.integers(7)
+            x[k, :, 0, 4:8, 4:8] = 255
+            targets[s, [k, 7]] = 1
+        inputs.append(x)
+    encoder_before = [p.detach().clone() for p in model.encoder.parameters()]
+    losses = fit_patient_head(model, inputs, targets, seed=3, steps=200, lr=1e-2)
+    assert losses[-1] < 0.5 * losses[0]
+    assert all(torch.equal(a, b) for a, b in zip(encoder_before, model.encoder.parameters(), strict=True))
+    with torch.no_grad():
+        p = torch.sigmoid(model(torch.from_numpy(np.stack(inputs)).float() / 255))[:, 7].numpy()
+    assert p[1::2].min() > p[0::2].max()  # every fractured patient above every healthy one
+    again = VertebraCnnLstm(SequenceEncoder(_BrightSpot(), hidden=4))
+    again.load_state_dict(model.state_dict())
+    assert fit_patient_head(again, inputs, targets, seed=3, steps=200, lr=1e-2) == losses  # seeded: reruns agree
+
+
+def test_slice_targets_from_boxes_and_negative_studies():
+    labels = pd.DataFrame({"StudyInstanceUID": ["boxed", "healthy", "unboxed"], "patient_overall": [1, 0, 1]})
+    boxes = pd.DataFrame({"StudyInstanceUID": ["boxed", "boxed"], "slice_number": [12, 14]})
+    metas = [{"slice_numbers": np.arange(20, 0, -1), "used": np.array([0, 6, 8, 10])},  # feet first: 20, 14, 12, 10
+             {"slice_numbers": np.arange(1, 21), "used": np.array([0, 5, 10, 19])},
+             {"slice_numbers": np.arange(1, 21), "used": np.array([0, 5, 10, 19])}]
+    t = slice_targets_of(["boxed", "healthy", "unboxed"], metas, labels, boxes)
+    assert t[0].tolist() == [0, 1, 1, 0] and t[1].tolist() == [0, 0, 0, 0] and np.isnan(t[2]).all()
+
+
+def test_a_frozen_backbone_keeps_its_weights_and_batch_norm_statistics():
+    torch.manual_seed(0)
+    model = StudyCnnLstm(SequenceEncoder(timm_backbone("resnet10t", 3), hidden=8))
+    model.encoder.freeze_backbone()
+    model.train()
+    backbone = {k: v.clone() for k, v in model.encoder.backbone.state_dict().items()}
+    lstm = {k: v.clone() for k, v in model.encoder.lstm.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    competition_bce(model(torch.rand(2, 4, 3, 32, 32)), torch.ones(2, 8)).backward()
+    opt.step()
+    assert all(torch.equal(v, model.encoder.backbone.state_dict()[k]) for k, v in backbone.items())
+    assert not all(torch.equal(v, model.encoder.lstm.state_dict()[k]) for k, v in lstm.items())
+
+
+def test_the_study_form_trains_its_cnn_on_slices_first(tmp_path):
+    rng = np.random.default_rng(0)
+    uids = [f"s{i}" for i in range(8)]
+    labels = pd.DataFrame({"StudyInstanceUID": uids, **{t: [i % 2 for i in range(8)] for t in TARGETS}})
+    inputs = [rng.integers(0, 255, (3, 3, 32, 32), dtype=np.uint8) for _ in uids]
+    slice_targets = np.where(np.arange(8)[:, None] % 2, np.nan, 0.0) * np.ones((1, 3))
+    slice_targets[[1, 3, 5, 7], 1] = 1  # the fractured studies are boxed on their middle slice
+    slice_targets[[1, 3, 5, 7], 0] = 0
+    settings = FractureSettings.for_profile("smoke", "study", "resnet10t")
+    cv = cross_validate_fracture(uids, inputs, labels, settings, tmp_path, progress=False,
+                                 slice_targets=slice_targets)
+    assert set(cv["histories"].model) == {"cnn_lstm_study (CNN on slices)", "cnn_lstm_study"}
+    for fold in (0, 1):
+        for cfg in (settings.cfg, slice_phase_config(settings.cfg)):
+            assert checkpoint_paths(tmp_path, cfg, fold)[0].exists()
+    assert cv["raw_oof"].shape == (8, 8) and np.isfinite(cv["raw_oof"]).all()
+
+
 def test_vertebra_stacks_pick_the_right_slices_and_channels():
     z_n, s = 40, 32
     images = np.zeros((z_n, s, s, 3), dtype=np.uint8)
@@ -75,6 +189,20 @@ def test_augmentation_keeps_shape_and_mask_channel_values():
     item = FractureDataset([x], np.zeros((1, 8)), augment=True, image_channels=3)[0]
     assert item["image"].shape == (7, 3, 4, 16, 16) and item["target"].shape == (8,)
     assert float(item["image"][:, :, 3].max()) > 0.9
+
+
+def test_augmentation_without_rotation_only_flips_and_jitters():
+    x = np.random.default_rng(0).integers(0, 255, (3, 4, 16, 16), dtype=np.uint8)
+    ds = FractureDataset([x], None, augment=True, image_channels=3, rotate_shift=False)
+    seen = set()
+    for seed in range(8):
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        t = ds[0]["image"]
+        flipped = torch.equal(t[:, 3], torch.from_numpy(x[:, 3, :, ::-1].copy()).float() / 255)
+        assert flipped or torch.equal(t[:, 3], torch.from_numpy(x[:, 3]).float() / 255)  # the mask moves only by a flip
+        seen.add(flipped)
+    assert seen == {True, False}
 
 
 def test_augmentation_follows_the_seed():
