@@ -5,7 +5,7 @@ box hit rate, training and inference time per study. `--localisation truth` buil
 synthetic ground truth (isolating the fracture model from the localiser); `predicted` runs notebook 02's pipeline.
 
     python -m benchmarks.fracture_quality --profile bench --localisation truth
-    python -m benchmarks.fracture_quality --profile bench --forms vertebra --model resnet10t --epochs 10 --folds 2 \
+    python -m benchmarks.fracture_quality --profile bench --forms vertebra --model resnet10t --epochs 8 --folds 2 \
         --lr 1e-3 --tag cpu_pilot     # a shorter run that fits on 2 CPU cores (about 35 minutes)
 """
 
