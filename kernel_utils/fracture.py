@@ -65,8 +65,9 @@ class FractureSettings:
         folds, epochs, steps, batch, n_v, crop, n_s, size = table[profile]
         default = {"vertebra": "tf_efficientnetv2_s" if profile == "full" else "tf_efficientnetv2_b0",
                    "study": "resnet50" if profile in ("bench", "full") else "resnet18"}[form]
-        # train_on "vertebrae": one sample per vertebra (7x the samples of whole studies; on the bench set its
-        # mean vertebra AUC rose from 0.66 to 0.93), then the patient head on frozen features; "studies": end to end
+        # train_on "vertebrae": one sample per vertebra (7x the optimiser steps of whole studies; with flips instead of
+        # the warp, the CPU pilot's mean vertebra AUC rose from 0.66 to 0.81), then the patient head on frozen
+        # features; "studies": end to end
         # study "train": "slices_then_sequence" as seed 002 (the CNN on boxed and negative slices first, then the
         # BiLSTM on its frozen features), or "end_to_end"
         # rotate_shift False: flips and intensity jitter only; the bilinear warp of a rotation washes out a fracture
