@@ -37,7 +37,7 @@ from kernel_utils.fracture_models import (
 )
 from kernel_utils.metric import NORMALIZATIONS, TARGETS, competition_loss
 from kernel_utils.models import create_model
-from kernel_utils.training import TrainConfig, atomic_save, checkpoint_paths, device, fit, load_best, predict
+from kernel_utils.training import TrainConfig, atomic_save, checkpoint_paths, fit, load_best, predict
 
 log = logging.getLogger(__name__)
 FORMS = ("vertebra", "study")
@@ -149,25 +149,12 @@ def vertebra_samples(inputs: list[np.ndarray], targets: np.ndarray, augment: boo
                            augment=augment, image_channels=image_channels, rotate_shift=rotate_shift)
 
 
-@torch.no_grad()
-def _study_features(model: VertebraCnnLstm, inputs: list[np.ndarray], batch_size: int) -> torch.Tensor:
-    """Encoder features of whole studies, float [S, 7, F], on the CPU."""
-    dev = device()
-    model = model.to(dev).eval()
-    out = []
-    for i in range(0, len(inputs), batch_size):
-        x = torch.from_numpy(np.stack(inputs[i:i + batch_size])).to(dev).float() / 255.0
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            out.append(model.vertebra_features(x).float().cpu())
-    return torch.cat(out)
-
-
 def fit_patient_head(model: VertebraCnnLstm, inputs: list[np.ndarray], targets: np.ndarray, seed: int,
                      steps: int = 300, lr: float = 1e-3) -> list[float]:
     """Train the patient head alone on the frozen vertebra features of the training studies (patient_overall,
     the metric's 2:1 weights); the head starts from a seeded initialisation, so a rerun gives the same weights.
     Returns the loss of every step."""
-    feats = _study_features(model, inputs, batch_size=8)
+    feats = torch.from_numpy(predict(model, FractureDataset(inputs, None), 8, forward=model.vertebra_features))
     target = torch.from_numpy(targets[:, 7:8].astype(np.float32))
     model.cpu()
     head = model.patient_head

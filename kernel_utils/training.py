@@ -226,12 +226,14 @@ def load_best(model: torch.nn.Module, out_dir: str | os.PathLike, cfg: TrainConf
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, ds: Dataset, batch_size: int = 32, collate_fn: Callable | None = None,
-            dev: torch.device | None = None) -> np.ndarray:
-    """Sigmoid-free raw outputs (logits) of `model` over a dataset, stacked on axis 0, as float32 numpy."""
+            dev: torch.device | None = None, forward: Callable | None = None) -> np.ndarray:
+    """Sigmoid-free raw outputs (logits) of `model` over a dataset, stacked on axis 0, as float32 numpy;
+    `forward` (e.g. a bound method of the model that returns features) instead of the model's own forward."""
     dev = dev or device()
     model = model.to(dev).eval()
+    run = forward or model
     outs = []
     for batch in DataLoader(ds, batch_size=batch_size, collate_fn=collate_fn):
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            outs.append(model(batch["image"].to(dev)).float().cpu().numpy())
+            outs.append(run(batch["image"].to(dev)).float().cpu().numpy())
     return np.concatenate(outs) if outs else np.zeros((0,))
