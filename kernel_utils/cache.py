@@ -10,6 +10,7 @@ cannot be read back is deleted and rebuilt; a rerun skips finished studies; `sha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import dataclasses
 import hashlib
@@ -178,6 +179,32 @@ def window_study(study_dir: str | os.PathLike, spec: CacheSpec, segmentation_pat
     return arrays
 
 
+def _libdeflate_crc32():
+    try:
+        from imagecodecs import deflate_crc32
+
+        return deflate_crc32
+    except ImportError:  # optional: zipfile keeps zlib's CRC-32
+        return None
+
+
+@contextlib.contextmanager
+def fast_zip_crc():
+    """zipfile computes its CRC-32 with libdeflate's (imagecodecs) inside the block: the same checksum at 12.7 GB/s
+    against zlib's 3.4 here, about a third of a cache write's cost. The swap is of one equal function for another,
+    so a concurrent zipfile user sees no difference; without imagecodecs nothing changes."""
+    fast = _libdeflate_crc32()
+    if fast is None:
+        yield
+        return
+    before = zipfile.crc32
+    zipfile.crc32 = fast
+    try:
+        yield
+    finally:
+        zipfile.crc32 = before
+
+
 def _byte_chunks(value: np.ndarray):
     """The bytes of an array in C order without copying the whole of it: one view, or one copy per first-axis
     slice for a non-contiguous array (a reversed study is a [::-1] view)."""
@@ -194,7 +221,7 @@ def write_npz(f, arrays: dict[str, np.ndarray], compress: bool = False) -> None:
     """What np.savez(_compressed) writes (np.load reads it), streamed: every array's bytes go from the array to
     the zip member without the C-order copy np.savez makes of each one (a quarter of a cache write)."""
     mode = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
-    with zipfile.ZipFile(f, "w", compression=mode, allowZip64=True) as zf:
+    with fast_zip_crc(), zipfile.ZipFile(f, "w", compression=mode, allowZip64=True) as zf:
         for name, value in arrays.items():
             value = np.asanyarray(value)
             header = {"descr": np.lib.format.dtype_to_descr(value.dtype), "fortran_order": False,
@@ -234,7 +261,7 @@ def is_complete(path: Path) -> bool:
 def read_entry(path: Path) -> dict[str, np.ndarray]:
     """Load every array of an entry (CRC-checked); CacheEntryCorrupt if it cannot be read."""
     try:
-        with zipfile.ZipFile(path) as z:  # np.load does not check CRCs: a flipped byte would be served
+        with fast_zip_crc(), zipfile.ZipFile(path) as z:  # np.load does not check CRCs: a flipped byte would be served
             bad = z.testzip()
         if bad is not None:
             raise CacheEntryCorrupt(f"{path}: member {bad} fails its CRC check")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import zipfile
+import zlib
 
 import numpy as np
 import pandas as pd
@@ -99,6 +101,11 @@ def test_streamed_npz_reads_back_as_what_was_written(tmp_path, compress):
         assert sorted(npz.files) == sorted(arrays)
         for name, value in arrays.items():
             assert npz[name].dtype == value.dtype and np.array_equal(npz[name], value), name
+    assert zipfile.crc32 is zlib.crc32  # the fast CRC of the write is swapped back
+    with zipfile.ZipFile(path) as z:  # the checksums written hold for zlib's CRC-32
+        assert z.testzip() is None
+        for info in z.infolist():
+            assert info.CRC == zlib.crc32(z.read(info.filename)), info.filename
 
 
 @pytest.mark.parametrize("rescale", [Rescale(True, 16, 1.0, -1024.0), Rescale(False, 12, 1.0, -1024.0),
