@@ -74,8 +74,13 @@ def predicted_localisation(data_dir, work_dir, spec, profile) -> None:
 
 
 def overridden(settings: FractureSettings, args) -> FractureSettings:
-    """The profile's settings with the epochs, learning rate and folds given on the command line."""
-    cfg = dataclasses.replace(settings.cfg, epochs=args.epochs or settings.cfg.epochs, lr=args.lr or settings.cfg.lr)
+    """The profile's settings with the epochs, learning rate, folds and auxiliary slice-loss weight given on the
+    command line."""
+    params = settings.cfg.params
+    if args.slice_loss is not None and settings.form == "vertebra":
+        params = tuple((k, args.slice_loss if k == "slice_loss" else v) for k, v in params)
+    cfg = dataclasses.replace(settings.cfg, epochs=args.epochs or settings.cfg.epochs, lr=args.lr or settings.cfg.lr,
+                              params=params)
     return dataclasses.replace(settings, cfg=cfg, n_folds=args.folds or settings.n_folds)
 
 
@@ -89,6 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epochs", type=int, default=0, help="instead of the profile's")
     ap.add_argument("--folds", type=int, default=0, help="instead of the profile's")
     ap.add_argument("--lr", type=float, default=0.0, help="instead of the profile's")
+    ap.add_argument("--slice-loss", type=float, default=None,
+                    help="weight of the per-vertebra form's per-slice auxiliary loss instead of the profile's (0: off)")
     ap.add_argument("--tag", default="", help="added to the result's name, e.g. cpu_pilot")
     args = ap.parse_args(argv)
     data_dir, work_dir = prepared_data(args.profile, workers=args.workers)
@@ -112,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         uids, inputs, metas = build_inputs(data_dir, work_dir, spec, settings, "train")
         t1 = time.perf_counter()
-        slice_targets = slice_targets_of(uids, metas, labels, boxes_true) if form == "study" else None
+        slice_targets = slice_targets_of(uids, metas, labels, boxes_true)
         cv = cross_validate_fracture(uids, inputs, labels, settings, work_dir / f"fracture_models_{where}",
                                      progress=False, slice_targets=slice_targets)
         t2 = time.perf_counter()

@@ -108,14 +108,17 @@ def crop_box_on_cache(entry: dict) -> tuple[int, int, int, int]:
 
 
 class FractureDataset(Dataset):
-    """Inputs uint8 [..., C, H, W] with wide targets [8]; augmentation: left-right flip, small rotation and
+    """Inputs uint8 [..., C, H, W] with wide targets [8] (or [1] for single vertebrae) and optional per-slice
+    labels [N] (nan where unknown; `slice_target` of an item); augmentation: left-right flip, small rotation and
     shift (one transform per sample, all slices alike; off with rotate_shift=False), intensity jitter of the
     image channels."""
 
     def __init__(self, inputs: list[np.ndarray], targets: np.ndarray | None, augment: bool = False,
-                 image_channels: int | None = None, rotate_shift: bool = True):
+                 image_channels: int | None = None, rotate_shift: bool = True,
+                 slice_targets: np.ndarray | None = None):
         self.inputs, self.targets, self.augment = inputs, targets, augment
         self.image_channels, self.rotate_shift = image_channels, rotate_shift
+        self.slice_targets = slice_targets
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -153,24 +156,41 @@ class FractureDataset(Dataset):
         item = {"image": t}
         if self.targets is not None:
             item["target"] = torch.from_numpy(self.targets[i].astype(np.float32))
+        if self.slice_targets is not None:
+            item["slice_target"] = torch.from_numpy(self.slice_targets[i].astype(np.float32))
         return item
 
 
 def slice_targets_of(uids: list[str], metas: list[dict], labels: pd.DataFrame, boxes: pd.DataFrame) -> np.ndarray:
-    """Image-level labels of the study form's sampled slices (seed 002 trains its CNN on them first), float32
-    [S, N]: 1 where `train_bounding_boxes.csv` boxes the slice, 0 on every slice of a study without fracture and on
-    the unboxed slices of a boxed study, nan where nobody knows (a fractured study without boxes).
+    """Image-level labels of the sampled slices from `train_bounding_boxes.csv`, float32 [S, *used.shape]: 1 where
+    a box marks the slice, 0 where no fracture can be, nan where nobody knows.
 
-    metas: `build_inputs` metas of the study form (`used`: the sampled slice indices, `slice_numbers`)."""
-    fractured = labels.set_index("StudyInstanceUID")["patient_overall"]
+    Study form (`used` [N], seed 002 trains its CNN on these first): 0 on every slice of a study without fracture
+    and on the unboxed slices of a boxed study; nan on a fractured study without boxes.
+    Per-vertebra form (`used` [7, N], the auxiliary per-slice target): 0 on every slice of a vertebra labelled
+    healthy (boxes or not); a fractured vertebra of a boxed study gets its boxed slices 1 and the others 0; nan
+    for a fractured vertebra without boxes, or whose sampled slices miss every box (localisation missed it).
+
+    metas: `build_inputs` metas (`used`: the sampled slice indices, `slice_numbers`)."""
+    table = labels.set_index("StudyInstanceUID")
     boxed = {uid: set(part.slice_number.astype(int)) for uid, part in boxes.groupby("StudyInstanceUID")}
-    out = np.full((len(uids), len(metas[0]["used"]) if metas else 0), np.nan, dtype=np.float32)
+    shape = np.shape(metas[0]["used"]) if metas else (0,)
+    out = np.full((len(uids), *shape), np.nan, dtype=np.float32)
     for i, (uid, meta) in enumerate(zip(uids, metas, strict=True)):
         numbers = np.asarray(meta["slice_numbers"])[meta["used"]]
-        if uid in boxed:
-            out[i] = np.isin(numbers, list(boxed[uid]))
-        elif not fractured.get(uid, 1):
-            out[i] = 0
+        hit = np.isin(numbers, list(boxed.get(uid, ()))).astype(np.float32)
+        if len(shape) == 1:
+            if uid in boxed:
+                out[i] = hit
+            elif uid in table.index and not table.at[uid, "patient_overall"]:
+                out[i] = 0
+            continue
+        for k in range(shape[0]):
+            fractured = table.at[uid, f"C{k + 1}"] if uid in table.index else 1
+            if not fractured:
+                out[i, k] = 0
+            elif uid in boxed and hit[k].any():
+                out[i, k] = hit[k]
     return out
 
 

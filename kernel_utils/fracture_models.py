@@ -2,8 +2,9 @@
 competition-weighted loss.
 
 Per-vertebra: x [B, 7, N, C, H, W] (7 vertebrae, N slices each, C = neighbouring slices + mask) ->
-logits [B, 8] (C1..C7, then a patient head); trained on single vertebrae, x [B, N, C, H, W] -> logits [B, 1],
-then the patient head on the frozen vertebra features. Study-level: x [B, N, C, H, W] -> logits [B, 8].
+logits [B, 8] (C1..C7, then a patient head); trained on single vertebrae, x [B, N, C, H, W] -> logits [B, 1]
+(with a per-slice logit of each slice where boxes say which slices hold the fracture), then the patient head on
+the frozen vertebra features. Study-level: x [B, N, C, H, W] -> logits [B, 8].
 """
 
 from __future__ import annotations
@@ -44,6 +45,24 @@ def vertebra_batch_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     return vertebra_bce(logits, batch["target"])
 
 
+def masked_slice_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean BCE over the slices whose label is known (nan: unknown); 0 when none is. logits, target [B, N]."""
+    known = ~torch.isnan(target)
+    if not known.any():
+        return logits.sum() * 0.0  # keeps the graph: every step backpropagates the same way
+    return nn.functional.binary_cross_entropy_with_logits(logits.float()[known], target.float()[known])
+
+
+def vertebra_slice_loss(logits: torch.Tensor, batch: dict, slice_weight: float = 1.0) -> torch.Tensor:
+    """Single-vertebra loss with the per-slice auxiliary term: logits [B, 1 + N] (`vertebra_and_slice_logits`),
+    batch target [B, 1] and, when the dataset has them, slice_target [B, N] (nan where unknown). Without slice
+    targets (validation) it is `vertebra_bce` of the vertebra logit alone."""
+    loss = vertebra_bce(logits[:, :1], batch["target"])
+    if "slice_target" in batch:
+        loss = loss + slice_weight * masked_slice_bce(logits[:, 1:], batch["slice_target"])
+    return loss
+
+
 class SequenceEncoder(nn.Module):
     """A timm CNN on every slice, then a bidirectional LSTM over the slices, mean- and max-pooled.
 
@@ -76,8 +95,13 @@ class SequenceEncoder(nn.Module):
         return self.backbone(x.flatten(0, 1)).view(b, n, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        seq, _ = self.lstm(self.dropout(self.slice_features(x)))  # [B, N, 2 * hidden]
-        return torch.cat([seq.mean(dim=1), seq.amax(dim=1)], dim=1)  # [B, 4 * hidden]
+        return self.encode(x)[0]
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, N, C, H, W] -> (pooled features [B, 4 * hidden], per-slice CNN features [B, N, F])."""
+        slices = self.slice_features(x)
+        seq, _ = self.lstm(self.dropout(slices))  # [B, N, 2 * hidden]
+        return torch.cat([seq.mean(dim=1), seq.amax(dim=1)], dim=1), slices
 
 
 class VertebraCnnLstm(nn.Module):
@@ -85,7 +109,8 @@ class VertebraCnnLstm(nn.Module):
     patient head over the seven vertebra features.
 
     forward: x [B, 7, N, C, H, W] -> logits [B, 8] (C1..C7, patient_overall); one vertebra's sequence
-    x [B, N, C, H, W] -> its logit [B, 1] (how it is trained: seven times the samples of whole studies).
+    x [B, N, C, H, W] -> its logit [B, 1] (how it is trained: seven times the samples of whole studies);
+    `vertebra_and_slice_logits` adds a logit per slice from the CNN features alone (the auxiliary target).
     """
 
     def __init__(self, encoder: SequenceEncoder):
@@ -93,6 +118,12 @@ class VertebraCnnLstm(nn.Module):
         self.encoder = encoder
         self.vertebra_head = nn.Linear(encoder.out_features, 1)
         self.patient_head = nn.Sequential(nn.Linear(2 * encoder.out_features, 64), nn.ReLU(), nn.Linear(64, 1))
+        self.slice_head = nn.Linear(encoder.backbone.num_features, 1)
+
+    def vertebra_and_slice_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """One vertebra's sequence x [B, N, C, H, W] -> [B, 1 + N]: its logit, then one logit per slice."""
+        pooled, slices = self.encoder.encode(x)
+        return torch.cat([self.vertebra_head(pooled), self.slice_head(slices).squeeze(-1)], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 5:

@@ -131,8 +131,9 @@ def save_config(out_dir: Path, cfg: TrainConfig) -> Path:
 
 def fit(model: torch.nn.Module, train_ds: Dataset, valid_ds: Dataset | None, loss_fn: Callable, cfg: TrainConfig,
         out_dir: str | os.PathLike, fold: int = 0, collate_fn: Callable | None = None,
-        progress: bool = True) -> pd.DataFrame:
-    """Train with early stopping; resume from `_last.pt` when present. Returns the history (one row an epoch)."""
+        progress: bool = True, forward: Callable | None = None) -> pd.DataFrame:
+    """Train with early stopping; resume from `_last.pt` when present. Returns the history (one row an epoch).
+    `forward` (a bound method of the model) gives the outputs `loss_fn` takes instead of the model's own forward."""
     out_dir = Path(out_dir)
     save_config(out_dir, cfg)
     best_path, last_path = checkpoint_paths(out_dir, cfg, fold)
@@ -161,6 +162,7 @@ def fit(model: torch.nn.Module, train_ds: Dataset, valid_ds: Dataset | None, los
         best, stale = state["best"], state["stale"]
         log.info("resuming %s fold %d at epoch %d", cfg.run_name, fold, start_epoch)
     model, optimizer, loader, schedule = acc.prepare(model, optimizer, loader, schedule)
+    run = forward or model
     if valid_loader is not None:
         valid_loader = acc.prepare(valid_loader)
     for epoch in range(start_epoch, cfg.epochs):
@@ -175,7 +177,7 @@ def fit(model: torch.nn.Module, train_ds: Dataset, valid_ds: Dataset | None, los
             if step >= steps:
                 break
             with acc.autocast():
-                loss = loss_fn(model(batch["image"]), batch)
+                loss = loss_fn(run(batch["image"]), batch)
             acc.backward(loss)
             optimizer.step()
             schedule.step()
@@ -186,7 +188,7 @@ def fit(model: torch.nn.Module, train_ds: Dataset, valid_ds: Dataset | None, los
                "lr": float(optimizer.param_groups[0]["lr"]), "seconds": time.perf_counter() - start,
                "train_items_per_s": len(losses) * cfg.batch_size / max(time.perf_counter() - start, 1e-9)}
         if valid_loader is not None:
-            row["valid_loss"] = evaluate_loss(model, valid_loader, loss_fn, acc)
+            row["valid_loss"] = evaluate_loss(model, valid_loader, loss_fn, acc, forward)
         history.append(row)
         score = row.get("valid_loss", row["train_loss"])
         improved = score < best
@@ -203,13 +205,14 @@ def fit(model: torch.nn.Module, train_ds: Dataset, valid_ds: Dataset | None, los
 
 
 @torch.no_grad()
-def evaluate_loss(model, loader, loss_fn, acc=None) -> float:
+def evaluate_loss(model, loader, loss_fn, acc=None, forward: Callable | None = None) -> float:
     model.eval()
+    run = forward or model
     total, n = 0.0, 0
     for batch in loader:
         ctx = acc.autocast() if acc is not None else torch.autocast("cpu", enabled=False)
         with ctx:
-            loss = loss_fn(model(batch["image"]), batch)
+            loss = loss_fn(run(batch["image"]), batch)
         k = len(batch["image"])
         total += float(loss) * k
         n += k

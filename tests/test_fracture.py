@@ -29,8 +29,10 @@ from kernel_utils.fracture_models import (
     StudyCnnLstm,
     VertebraCnnLstm,
     competition_bce,
+    masked_slice_bce,
     patient_from_vertebrae,
     vertebra_bce,
+    vertebra_slice_loss,
 )
 from kernel_utils.gradcam import cam_box, iou, score_boxes, vertebra_gradcam
 from kernel_utils.metric import TARGETS, competition_loss
@@ -130,6 +132,69 @@ def test_slice_targets_from_boxes_and_negative_studies():
              {"slice_numbers": np.arange(1, 21), "used": np.array([0, 5, 10, 19])}]
     t = slice_targets_of(["boxed", "healthy", "unboxed"], metas, labels, boxes)
     assert t[0].tolist() == [0, 1, 1, 0] and t[1].tolist() == [0, 0, 0, 0] and np.isnan(t[2]).all()
+
+
+def test_per_vertebra_slice_targets_know_healthy_vertebrae_and_boxed_fractures():
+    vertebrae = ["boxed", "healthy", "unboxed", "missed"]
+    labels = pd.DataFrame({"StudyInstanceUID": vertebrae, **{f"C{k}": [int(k == 2), 0, int(k == 5), int(k == 3)]
+                                                              for k in range(1, 8)}, "patient_overall": [1, 0, 1, 1]})
+    boxes = pd.DataFrame({"StudyInstanceUID": ["boxed", "boxed", "missed"], "slice_number": [5, 6, 40]})
+    used = np.tile(np.arange(7)[:, None] * 3, (1, 3)) + np.arange(3)  # vertebra k samples slices 3k, 3k+1, 3k+2
+    metas = [{"slice_numbers": np.arange(1, 22), "used": used} for _ in vertebrae]  # slice i is file i + 1
+    t = slice_targets_of(vertebrae, metas, labels, boxes)
+    assert t.shape == (4, 7, 3)
+    assert t[0, 1].tolist() == [0, 1, 1]  # C2 samples files 4-6; 5 and 6 are boxed
+    assert np.nansum(t[0]) == 2 and not np.isnan(t[0]).any()  # every other vertebra is healthy: 0
+    assert np.isnan(t[3, 2]).all() and np.isnan(t[3]).sum() == 3  # C3's sampled slices miss its box: unknown
+    assert np.isnan(t[2, 4]).all() and np.isnan(t[2]).sum() == 3 and np.nansum(t[2]) == 0  # unboxed C5 unknown
+    assert (t[1] == 0).all()
+
+
+def test_slice_logits_come_with_the_vertebra_logit_and_the_auxiliary_loss_skips_unknown_slices():
+    torch.manual_seed(0)
+    model = create_model(FractureSettings.for_profile("smoke", "vertebra", "resnet10t").cfg, 4).eval()
+    x = torch.rand(3, 5, 4, 32, 32)
+    with torch.no_grad():
+        both = model.vertebra_and_slice_logits(x)
+        alone = model(x)
+    assert both.shape == (3, 6) and torch.allclose(both[:, :1], alone, atol=1e-5)
+    logits = torch.tensor([[0.5, 2.0, -1.0], [-0.5, 0.0, 3.0]])
+    batch = {"target": torch.tensor([[1.0], [0.0]]), "slice_target": torch.tensor([[1.0, float("nan")], [0.0, 1.0]])}
+    known = nn.functional.binary_cross_entropy_with_logits(torch.tensor([2.0, 0.0, 3.0]), torch.tensor([1.0, 0, 1]))
+    assert float(masked_slice_bce(logits[:, 1:], batch["slice_target"])) == pytest.approx(float(known))
+    vertebra = float(vertebra_bce(logits[:, :1], batch["target"]))
+    assert float(vertebra_slice_loss(logits, batch, 0.5)) == pytest.approx(vertebra + 0.5 * float(known))
+    assert float(vertebra_slice_loss(logits, {"target": batch["target"]})) == pytest.approx(vertebra)
+    nothing = masked_slice_bce(logits[:, 1:].requires_grad_(), torch.full((2, 2), float("nan")))
+    assert float(nothing.detach()) == 0.0 and nothing.requires_grad
+
+
+def test_the_per_vertebra_form_trains_with_slice_targets_when_given(tmp_path, monkeypatch):
+    import kernel_utils.fracture as fracture
+
+    seen = []
+
+    def spy(logits, batch, slice_weight=1.0):
+        seen.append((tuple(logits.shape), "slice_target" in batch))
+        return vertebra_slice_loss(logits, batch, slice_weight)
+
+    monkeypatch.setattr(fracture, "vertebra_slice_loss", spy)
+    rng = np.random.default_rng(0)
+    uids = [f"s{i}" for i in range(4)]
+    labels = pd.DataFrame({"StudyInstanceUID": uids, **{t: [i % 2 for i in range(4)] for t in TARGETS}})
+    inputs = [rng.integers(0, 255, (7, 5, 4, 32, 32), dtype=np.uint8) for _ in uids]
+    slice_targets = np.zeros((4, 7, 5), dtype=np.float32)
+    slice_targets[[1, 3]] = np.nan
+    slice_targets[1, :, 2] = 1  # study 1 is boxed on the middle slice of every vertebra
+    slice_targets[1, :, [0, 1, 3, 4]] = 0
+    settings = FractureSettings.for_profile("smoke", "vertebra", "resnet10t")
+    cv = cross_validate_fracture(uids, inputs, labels, settings, tmp_path, progress=False, slice_targets=slice_targets)
+    assert cv["raw_oof"].shape == (4, 8) and np.isfinite(cv["raw_oof"]).all()
+    assert (settings.cfg.batch_size, 6) in [s for s, with_slices in seen if with_slices]  # training: slice labels
+    assert any(not with_slices for _, with_slices in seen)  # validation: the vertebra loss alone
+    seen.clear()
+    cross_validate_fracture(uids, inputs, labels, settings, tmp_path / "none", progress=False)
+    assert not seen  # without slice targets the plain vertebra loss trains
 
 
 def test_a_frozen_backbone_keeps_its_weights_and_batch_norm_statistics():
