@@ -213,11 +213,9 @@ def _train_fold(settings, model, inputs, targets, slice_targets, tr, va, fold, o
                                     bool(settings.cfg.param("rotate_shift", True)),
                                     slice_targets[tr] if with_slices else None)
         valid_ds = vertebra_samples(va_inputs, targets[va], False, image_channels)  # model choice: vertebra loss
-        if with_slices:
-            hist = fit(model, train_ds, valid_ds, functools.partial(vertebra_slice_loss, slice_weight=weight),
-                       settings.cfg, out_dir, fold, progress=progress, forward=model.vertebra_and_slice_logits)
-        else:
-            hist = fit(model, train_ds, valid_ds, vertebra_batch_loss, settings.cfg, out_dir, fold, progress=progress)
+        loss_fn, forward = ((functools.partial(vertebra_slice_loss, slice_weight=weight),
+                             model.vertebra_and_slice_logits) if with_slices else (vertebra_batch_loss, None))
+        hist = fit(model, train_ds, valid_ds, loss_fn, settings.cfg, out_dir, fold, progress=progress, forward=forward)
         load_best(model, out_dir, settings.cfg, fold)
         losses = fit_patient_head(model, tr_inputs, targets[tr], seed=settings.cfg.seed + fold)
         best_path, _ = checkpoint_paths(Path(out_dir), settings.cfg, fold)

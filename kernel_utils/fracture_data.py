@@ -175,22 +175,18 @@ def slice_targets_of(uids: list[str], metas: list[dict], labels: pd.DataFrame, b
     table = labels.set_index("StudyInstanceUID")
     boxed = {uid: set(part.slice_number.astype(int)) for uid, part in boxes.groupby("StudyInstanceUID")}
     shape = np.shape(metas[0]["used"]) if metas else (0,)
+    per_vertebra = len(shape) == 2
     out = np.full((len(uids), *shape), np.nan, dtype=np.float32)
     for i, (uid, meta) in enumerate(zip(uids, metas, strict=True)):
         numbers = np.asarray(meta["slice_numbers"])[meta["used"]]
         hit = np.isin(numbers, list(boxed.get(uid, ()))).astype(np.float32)
-        if len(shape) == 1:
-            if uid in boxed:
-                out[i] = hit
-            elif uid in table.index and not table.at[uid, "patient_overall"]:
-                out[i] = 0
-            continue
-        for k in range(shape[0]):
-            fractured = table.at[uid, f"C{k + 1}"] if uid in table.index else 1
-            if not fractured:
-                out[i, k] = 0
-            elif uid in boxed and hit[k].any():
-                out[i, k] = hit[k]
+        columns = [f"C{k}" for k in range(1, 8)] if per_vertebra else ["patient_overall"]
+        fractured = table.loc[uid, columns].to_numpy(bool) if uid in table.index else np.ones(len(columns), bool)
+        if per_vertebra:  # [7]: a fractured vertebra is known only where its sampled slices hold a box
+            known_fracture = hit.any(axis=1) if uid in boxed else np.zeros(7, bool)
+            out[i] = np.where(~fractured[:, None], 0, np.where(known_fracture[:, None], hit, np.nan))
+        elif uid in boxed or not fractured[0]:
+            out[i] = hit  # no box on a healthy study: all 0
     return out
 
 

@@ -195,12 +195,12 @@ def fit(model: torch.nn.Module, train_ds: Dataset, valid_ds: Dataset | None, los
         if improved:
             best, stale = score, 0
             atomic_save({"model": acc.unwrap_model(model).state_dict(), "config": cfg.to_json(), "epoch": epoch,
-                          "score": score}, best_path)
+                         "score": score}, best_path)
         else:
             stale += 1
         atomic_save({"model": acc.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
-                      "schedule": schedule.state_dict(), "history": history, "epoch": epoch, "best": best,
-                      "stale": stale, "config": cfg.to_json()}, last_path)
+                     "schedule": schedule.state_dict(), "history": history, "epoch": epoch, "best": best,
+                     "stale": stale, "config": cfg.to_json()}, last_path)
     return pd.DataFrame(history)
 
 
