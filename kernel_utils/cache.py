@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -35,7 +36,6 @@ from kernel_utils.windowing import (
     SEED002_WINDOWS,
     SliceWindower,
     Window,
-    bone_window,
     otsu_box,
     resize_slices,
 )
@@ -127,7 +127,6 @@ def window_study(study_dir: str | os.PathLike, spec: CacheSpec, segmentation_pat
     windower = SliceWindower(spec.windows)
     side = spec.image_size
     state: dict = {}
-    bone_tables: dict = {}
 
     def on_slice(k: int, raw: np.ndarray, header: SliceHeader) -> None:
         if not state:
@@ -138,15 +137,12 @@ def window_study(study_dir: str | os.PathLike, spec: CacheSpec, segmentation_pat
             else:
                 shape = (n, side or h, side or w, windower.n_channels)
                 state["images"] = _ScratchImages.get(shape) if reuse_buffer else np.empty(shape, dtype=np.uint8)
-        table = bone_tables.get(header.rescale)
-        if table is None:  # the gross-bone window of every stored bit pattern, for the Otsu box
-            table = bone_tables[header.rescale] = bone_window(header.rescale.hu_table())
-        np.take(table, raw[::OTSU_STEP, ::OTSU_STEP].view(np.uint16), out=state["thumbs"][k])
         if spec.crop:
+            windower.bone_thumbnail(raw, state["thumbs"][k], header.rescale)
             state["stored"][k] = raw.view(np.int16)
             state["rescales"][k] = header.rescale
         else:
-            windower(raw, side, side, out=state["images"][k], rescale=header.rescale)
+            windower(raw, side, side, out=state["images"][k], rescale=header.rescale, bone_thumb=state["thumbs"][k])
 
     info = scan_study(study_dir, on_slice, decoder, files)
     bone_total = np.zeros(state["thumbs"].shape[1:], dtype=np.uint32)
@@ -232,6 +228,26 @@ def write_npz(f, arrays: dict[str, np.ndarray], compress: bool = False) -> None:
                     member.write(chunk)
 
 
+@functools.cache
+def _linux_fallocate():
+    try:
+        fallocate = ctypes.CDLL("libc.so.6", use_errno=True).fallocate
+    except (OSError, AttributeError):  # not Linux with glibc: files grow as they are written
+        return None
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return fallocate
+
+
+def preallocate(f, nbytes: int) -> None:
+    """Reserve the first `nbytes` of a new file before writing them: one extent allocation instead of ext4's
+    block-by-block delayed allocation, about a fifth of a cache write here. Linux's fallocate only, never
+    glibc's emulation (which writes the blocks once more); where the file system refuses, nothing changes.
+    The file is `nbytes` long at once: write at least that much."""
+    fallocate = _linux_fallocate()
+    if fallocate is not None and nbytes > 0:
+        fallocate(f.fileno(), 0, 0, nbytes)  # a refusal (EOPNOTSUPP) only leaves the file to grow as written
+
+
 def write_entry(path: Path, arrays: dict[str, np.ndarray], compress: bool = False) -> None:
     """Write an npz atomically: a temp file in the same folder, then os.replace.
 
@@ -241,6 +257,8 @@ def write_entry(path: Path, arrays: dict[str, np.ndarray], compress: bool = Fals
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
+            if not compress:  # a stored npz holds every array's bytes and more
+                preallocate(f, sum(np.asanyarray(v).nbytes for v in arrays.values()))
             write_npz(f, arrays, compress)
         os.replace(tmp, path)
     finally:

@@ -59,6 +59,9 @@ class SliceWindower:
         self.n_channels = len(windows)
         self.lut = np.roll(packed_lut(windows), 32768)  # index: int16 HU viewed as uint16
         self._stored_luts: dict = {}
+        self._bone_luts: dict = {}
+        self._bone_byte = windows.index(GROSS_BONE) if GROSS_BONE in windows else None
+        self._packed = np.empty(0, dtype=np.uint32)  # the look-up's output, reused slice after slice
 
     def stored_lut(self, rescale) -> np.ndarray:
         """The packed table indexed by a stored 16-bit pattern: the windows of rescale's HU of every pattern."""
@@ -66,21 +69,42 @@ class SliceWindower:
             self._stored_luts[rescale] = self.lut[rescale.hu_table().view(np.uint16)]
         return self._stored_luts[rescale]
 
+    def bone_thumbnail(self, hu: np.ndarray, out: np.ndarray, rescale=None, packed: np.ndarray | None = None) -> None:
+        """The gross-bone window of every OTSU_STEP-th pixel (the Otsu box's input, `bone_thumbnails` of one slice):
+        hu int16 [H, W] (or stored values with their `rescale`) -> out uint8 [ceil(H/S), ceil(W/S)].
+
+        Given the slice's `packed` windows [H, W, 4] and a gross-bone channel among them, a strided copy of that
+        channel (a third of the cost of a table look-up)."""
+        if packed is not None and self._bone_byte is not None:
+            np.copyto(out, packed[::OTSU_STEP, ::OTSU_STEP, self._bone_byte])
+            return
+        table = self._bone_luts.get(rescale)
+        if table is None:  # the gross-bone window of every stored bit pattern
+            hu_of_pattern = np.arange(65536, dtype=np.uint16).view(np.int16) if rescale is None else rescale.hu_table()
+            table = self._bone_luts[rescale] = bone_window(hu_of_pattern)
+        np.take(table, hu[::OTSU_STEP, ::OTSU_STEP].view(np.uint16), out=out)
+
     def __call__(self, hu: np.ndarray, out_h: int | None = None, out_w: int | None = None,
-                 out: np.ndarray | None = None, rescale=None) -> np.ndarray:
-        """hu int16 [H, W] (or stored values with their `rescale`) -> uint8 [out_h, out_w, C] (into `out`)."""
+                 out: np.ndarray | None = None, rescale=None, bone_thumb: np.ndarray | None = None) -> np.ndarray:
+        """hu int16 [H, W] (or stored values with their `rescale`) -> uint8 [out_h, out_w, C] (into `out`); with
+        `bone_thumb`, its `bone_thumbnail` too."""
         lut = self.lut if rescale is None else self.stored_lut(rescale)
-        packed = np.take(lut, np.ascontiguousarray(hu).view(np.uint16)).view(np.uint8)
-        packed = packed.reshape(*hu.shape, 4)
+        if self._packed.shape != hu.shape:
+            self._packed = np.empty(hu.shape, dtype=np.uint32)
+        # every uint16 index is inside the 65536-entry table: mode="wrap" only skips numpy's bounds check,
+        # a quarter of the look-up's time
+        np.take(lut, np.ascontiguousarray(hu).view(np.uint16), out=self._packed, mode="wrap")
+        packed = self._packed.view(np.uint8).reshape(*hu.shape, 4)
+        if bone_thumb is not None:
+            self.bone_thumbnail(hu, bone_thumb, rescale, packed)
         if out_h and out_w and (out_h, out_w) != hu.shape:
             packed = cv2.resize(packed, (out_w, out_h), interpolation=cv2.INTER_AREA)
         if self.n_channels == 3:  # SIMD channel drop; numpy's strided 4 -> 3 copy costs 1 ms a slice
             return cv2.cvtColor(packed, cv2.COLOR_BGRA2BGR, dst=out)
-        result = packed if self.n_channels == 4 else np.ascontiguousarray(packed[..., : self.n_channels])
         if out is not None:
-            out[...] = result
+            out[...] = packed[..., : self.n_channels]
             return out
-        return result
+        return np.array(packed[..., : self.n_channels])  # a copy: never the reused buffer
 
 
 def window_slices(hu: np.ndarray, windows: tuple[Window, ...] = SEED002_WINDOWS) -> np.ndarray:

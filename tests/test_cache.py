@@ -14,7 +14,15 @@ from kernel_utils import cache as cache_mod
 from kernel_utils import load_study
 from kernel_utils.cache import CacheSpec, build_cache, cache_dir, load_cached, read_entry, window_study
 from kernel_utils.dicom_io import Rescale
-from kernel_utils.windowing import SEED002_WINDOWS, SliceWindower, Window, otsu_crop_box, resize_slices, window
+from kernel_utils.windowing import (
+    SEED002_WINDOWS,
+    SliceWindower,
+    Window,
+    bone_thumbnails,
+    otsu_crop_box,
+    resize_slices,
+    window,
+)
 
 SPEC = CacheSpec(image_size=32)
 
@@ -106,6 +114,27 @@ def test_streamed_npz_reads_back_as_what_was_written(tmp_path, compress):
         assert z.testzip() is None
         for info in z.infolist():
             assert info.CRC == zlib.crc32(z.read(info.filename)), info.filename
+    entry = tmp_path / "entry_atomic.npz"  # write_entry (preallocated when stored): no byte past the zip's end
+    cache_mod.write_entry(entry, arrays, compress)
+    assert entry.stat().st_size == path.stat().st_size
+    with np.load(entry) as npz:
+        assert all(np.array_equal(npz[name], value) for name, value in arrays.items())
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("n_windows", [1, 2, 3, 4])
+def test_windower_channels_equal_each_window_and_are_never_its_reused_buffer(n_windows):
+    windows = (*SEED002_WINDOWS, Window("brain", 40, 80))[:n_windows]
+    rng = np.random.default_rng(n_windows)
+    slices = rng.integers(-1200, 2500, (2, 24, 20)).astype(np.int16)
+    windower = SliceWindower(windows)
+    first, second = windower(slices[0]), windower(slices[1])  # the second call reuses the look-up buffer
+    for hu, result in zip(slices, (first, second), strict=True):
+        assert result.shape == (24, 20, n_windows)
+        for c, w in enumerate(windows):
+            assert np.array_equal(result[..., c], window(hu, w.level, w.width)), (n_windows, c)
+    out = np.zeros((12, 10, n_windows), np.uint8)
+    assert windower(slices[0], 12, 10, out=out) is out and out.any()
 
 
 @pytest.mark.parametrize("rescale", [Rescale(True, 16, 1.0, -1024.0), Rescale(False, 12, 1.0, -1024.0),
@@ -118,6 +147,14 @@ def test_stored_table_equals_windowing_the_rescaled_hu(rescale):
     windower = SliceWindower(SEED002_WINDOWS)
     assert np.array_equal(windower(raw, rescale=rescale), windower(rescale.to_hu(raw)))
     assert np.array_equal(windower(raw, 16, 16, rescale=rescale), windower(rescale.to_hu(raw), 16, 16))
+    expected = bone_thumbnails(rescale.to_hu(raw))  # 10x10: every 4th pixel's gross-bone window
+    for windows in (SEED002_WINDOWS, SEED002_WINDOWS[:2]):  # from the packed channel, and by its own table
+        windower = SliceWindower(windows)
+        thumb, thumb_alone = np.zeros((10, 10), np.uint8), np.zeros((10, 10), np.uint8)
+        windower(raw, 16, 16, rescale=rescale, bone_thumb=thumb)
+        windower.bone_thumbnail(raw, thumb_alone, rescale)
+        assert np.array_equal(thumb, expected) and np.array_equal(thumb_alone, expected), windows
+        assert expected.std() > 0
 
 
 def test_rerun_skips_and_shards_partition(smoke_dir, tmp_path):
