@@ -170,7 +170,7 @@ def peak_memory(folder: Path) -> dict[str, float]:
     return {"peak_mb": info["peak"] / 1e6, "volume_mb": volume / 1e6, "peak_over_volume": info["peak"] / volume}
 
 
-def workers_speedup(folders: dict[str, Path], copies: int, work: Path, rounds: int = 3) -> dict:
+def workers_speedup(folders: dict[str, Path], copies: int, work: Path, rounds: int = 5) -> dict:
     """build_cache over `copies` links of each study with 1 and then 2 worker processes; the median of rounds."""
     data = work / "speedup"
     images = data / "train_images"
