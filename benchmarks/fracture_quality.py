@@ -74,11 +74,17 @@ def predicted_localisation(data_dir, work_dir, spec, profile) -> None:
 
 
 def overridden(settings: FractureSettings, args) -> FractureSettings:
-    """The profile's settings with the epochs, learning rate, folds and auxiliary slice-loss weight given on the
-    command line."""
-    params = settings.cfg.params
+    """The profile's settings with the epochs, learning rate, folds, auxiliary slice-loss weight and `--param`
+    values given on the command line."""
+    params = dict(settings.cfg.params)
     if args.slice_loss is not None and settings.form == "vertebra":
-        params = tuple((k, args.slice_loss if k == "slice_loss" else v) for k, v in params)
+        params["slice_loss"] = args.slice_loss
+    for item in args.param:  # each form takes the parameters it has
+        key, _, value = item.partition("=")
+        if key in params:
+            kind = type(params[key])
+            params[key] = value.lower() in ("1", "true") if kind is bool else kind(value)
+    params = tuple(params.items())
     cfg = dataclasses.replace(settings.cfg, epochs=args.epochs or settings.cfg.epochs, lr=args.lr or settings.cfg.lr,
                               params=params)
     return dataclasses.replace(settings, cfg=cfg, n_folds=args.folds or settings.n_folds)
@@ -96,8 +102,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=0.0, help="instead of the profile's")
     ap.add_argument("--slice-loss", type=float, default=None,
                     help="weight of the per-vertebra form's per-slice auxiliary loss instead of the profile's (0: off)")
+    ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="a model parameter instead of the profile's, e.g. channel=2 (repeatable)")
     ap.add_argument("--tag", default="", help="added to the result's name, e.g. cpu_pilot")
     args = ap.parse_args(argv)
+    forms = args.forms.split(",")
+    known = {k for form in forms for k, _ in FractureSettings.for_profile(args.profile, form).cfg.params}
+    unknown = [item for item in args.param if item.partition("=")[0] not in known]
+    if unknown:
+        ap.error(f"--param {unknown}: no such parameter in the forms {args.forms} ({sorted(known)})")
     data_dir, work_dir = prepared_data(args.profile, workers=args.workers)
     spec = profile_cache_spec(args.profile)
     (work_dir / "localisation").mkdir(exist_ok=True)
