@@ -110,7 +110,8 @@ def build_inputs(data_dir: str | os.PathLike, work_dir: str | os.PathLike, spec:
             mask = np.load(mask_path)["mask"] if mask_path.exists() else None
             rows = loc[loc.StudyInstanceUID == uid] if loc is not None else None
             x, meta["used"], meta["crop_boxes"] = vertebra_stacks(
-                entry["images"], mask, rows, p["n_slices"], p["context"], p["step"], p["crop"], p.get("channel", 1))
+                entry["images"], mask, rows, p["n_slices"], p["context"], p["step"], p["crop"],
+                p.get("channel", 1))  # a run configured before `channel` existed took the standard bone window
         else:
             x = study_sequence(entry["images"], crop_box_on_cache(entry), p["n_slices"], p["size"])
             meta["used"] = study_slices(len(entry["images"]), p["n_slices"])
