@@ -1,19 +1,25 @@
-"""Fracture detection quality and time (notebook 03's models) on a profile's synthetic dataset.
+"""Fracture detection quality and time (notebooks 03 and 04's models, and 05's blend) on a profile's synthetic dataset.
 
-Competition metric of both CNN + BiLSTM forms out of fold against the prior baseline, per-vertebra AUC, the Grad-CAM
-box hit rate, training and inference time per study. `--localisation truth` builds the vertebra ranges from the
-synthetic ground truth (isolating the fracture model from the localiser); `predicted` runs notebook 02's pipeline.
+Competition metric of both CNN + BiLSTM forms and the 3D ViT out of fold against the prior baseline, per-vertebra AUC,
+the Grad-CAM box hit rate, training and inference time per study. `--localisation truth` builds the vertebra ranges
+from the synthetic ground truth (isolating the fracture model from the localiser); `predicted` runs notebook 02's
+pipeline. Every form's predictions are kept (`fracture_runs_<cpu|gpu>/predictions/`, the newest run of each form),
+and notebook 05's comparison of them with the prior and their blend (seed 004's table) is reported each run.
 
     python -m benchmarks.fracture_quality --profile bench --localisation truth
     python -m benchmarks.fracture_quality --profile bench --forms vertebra --model resnet10t --epochs 8 --folds 2 \
         --lr 1e-3 --tag cpu_pilot     # a shorter run that fits on 2 CPU cores (about 35 minutes)
+    python -m benchmarks.fracture_quality --profile bench --forms vit --epochs 20 --folds 2 \
+        --param hidden=192 --param layers=4 --param heads=4 --tag cpu_pilot_vit   # a smaller ViT for 2 CPU cores
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,8 +27,9 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from benchmarks.common import prepared_data, write_result
-from kernel_utils.baseline import cross_validate_prior, make_folds
+from kernel_utils.baseline import cross_validate_prior, fit_prior, make_folds, predict_constant
 from kernel_utils.cache import iter_cached, profile_cache_spec
+from kernel_utils.ensemble import ensemble_with_prior, load_predictions
 from kernel_utils.fracture import (
     FractureSettings,
     build_inputs,
@@ -30,6 +37,7 @@ from kernel_utils.fracture import (
     in_channels,
     load_fold_models,
     predict_fracture,
+    save_predictions,
 )
 from kernel_utils.fracture_data import slice_targets_of
 from kernel_utils.gradcam import boxes_for_studies, score_boxes
@@ -42,7 +50,8 @@ from kernel_utils.localisation import (
     localise_study,
     write_localisation,
 )
-from kernel_utils.metric import VERTEBRAE, competition_loss
+from kernel_utils.metric import NORMALIZATIONS, TARGETS, VERTEBRAE, competition_loss
+from kernel_utils.vit import ViTSettings, build_volumes
 from kernel_utils.windowing import resize_slices
 
 
@@ -73,6 +82,53 @@ def predicted_localisation(data_dir, work_dir, spec, profile) -> None:
                  work_dir / "localisation", range_source=best_range_source(cv), progress=False)
 
 
+def form_settings(profile: str, form: str, model: str = "") -> FractureSettings | ViTSettings:
+    """The profile's settings of a CNN + BiLSTM form ("vertebra", "study") or of the ViT ("vit")."""
+    return ViTSettings.for_profile(profile) if form == "vit" else FractureSettings.for_profile(profile, form, model)
+
+
+def form_inputs(data_dir, work_dir, spec, settings, split) -> tuple[list[str], list[np.ndarray], list[dict] | None]:
+    """(uids, inputs, metas) of a split; the ViT's volumes come without metas (no slice labels, no Grad-CAM)."""
+    if settings.form == "vit":
+        return (*build_volumes(data_dir, work_dir, spec, settings, split), None)
+    return build_inputs(data_dir, work_dir, spec, settings, split)
+
+
+def _parsed(value: str, like):
+    """A command-line value as the type of the profile's value (tuples as comma-separated numbers)."""
+    if isinstance(like, bool):
+        return value.lower() in ("1", "true")
+    if isinstance(like, tuple):
+        return tuple(type(like[0])(v) for v in value.split(","))
+    return type(like)(value)
+
+
+def ensemble_section(labels: pd.DataFrame, test_labels: pd.DataFrame, runs_dir, n_folds: int) -> dict:
+    """Notebook 05's comparison of every stored form's out-of-fold predictions with the prior and their blend, and
+    the test loss of each row (the blend with the weights fitted on all out-of-fold predictions)."""
+    models = load_predictions(runs_dir)
+    if not models:
+        return {}
+    oof_prior, _ = cross_validate_prior(labels, make_folds(labels, n_folds))
+    chosen = ensemble_with_prior(labels, models, oof_prior, fit_prior(labels), n_folds)
+    tests = {n: t for n, (_, t) in models.items()} | {"prior": chosen.test.assign(**fit_prior(labels))}
+    truth = test_labels[test_labels.StudyInstanceUID.isin(chosen.test.StudyInstanceUID)]
+    test_loss = {n: competition_loss(truth, t[t.StudyInstanceUID.isin(truth.StudyInstanceUID)])
+                 for n, t in tests.items()}
+    test_loss[f"chosen: {chosen.choice}" + (" + calibration" if chosen.calibration is not None else "")] = \
+        competition_loss(truth, chosen.test)
+    runs = {n: json.loads((Path(runs_dir) / "predictions" / f"{n}.json").read_text()).get("run_name")
+            for n in models}
+    calibration = None if chosen.calibration is None else dict(zip(TARGETS, chosen.calibration.round(3).tolist(),
+                                                                     strict=True))
+    return {"runs": runs, "choice": chosen.choice, "calibration_1_over_t_and_shift": calibration,
+            "oof_loss": {row: {n: float(chosen.table.loc[row, f"loss_{n}"]) for n in NORMALIZATIONS}
+                         for row in chosen.table.index},
+            "weights": {t: dict(zip(chosen.names, w.round(2).tolist(), strict=True))
+                        for t, w in zip(TARGETS, chosen.weights, strict=True)},
+            "test_loss": test_loss, "test_studies": len(truth)}
+
+
 def overridden(settings: FractureSettings, args) -> FractureSettings:
     """The profile's settings with the epochs, learning rate, folds, auxiliary slice-loss weight and `--param`
     values given on the command line."""
@@ -82,11 +138,11 @@ def overridden(settings: FractureSettings, args) -> FractureSettings:
     for item in args.param:  # each form takes the parameters it has
         key, _, value = item.partition("=")
         if key in params:
-            kind = type(params[key])
-            params[key] = value.lower() in ("1", "true") if kind is bool else kind(value)
+            params[key] = _parsed(value, params[key])
     params = tuple(params.items())
+    model = args.model if args.model and settings.form != "vit" else settings.cfg.model
     cfg = dataclasses.replace(settings.cfg, epochs=args.epochs or settings.cfg.epochs, lr=args.lr or settings.cfg.lr,
-                              params=params)
+                              model=model, params=params)
     return dataclasses.replace(settings, cfg=cfg, n_folds=args.folds or settings.n_folds)
 
 
@@ -94,9 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="bench")
     ap.add_argument("--localisation", choices=["truth", "predicted"], default="truth")
-    ap.add_argument("--forms", default="vertebra,study")
+    ap.add_argument("--forms", default="vertebra,study,vit")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--model", default="", help="backbone instead of the profile's (timm name)")
+    ap.add_argument("--model", default="", help="CNN backbone instead of the profile's (timm name; not the ViT)")
     ap.add_argument("--epochs", type=int, default=0, help="instead of the profile's")
     ap.add_argument("--folds", type=int, default=0, help="instead of the profile's")
     ap.add_argument("--lr", type=float, default=0.0, help="instead of the profile's")
@@ -107,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tag", default="", help="added to the result's name, e.g. cpu_pilot")
     args = ap.parse_args(argv)
     forms = args.forms.split(",")
-    known = {k for form in forms for k, _ in FractureSettings.for_profile(args.profile, form).cfg.params}
+    known = {k for form in forms for k, _ in form_settings(args.profile, form).cfg.params}
     unknown = [item for item in args.param if item.partition("=")[0] not in known]
     if unknown:
         ap.error(f"--param {unknown}: no such parameter in the forms {args.forms} ({sorted(known)})")
@@ -126,22 +182,26 @@ def main(argv: list[str] | None = None) -> dict:
     boxes_true = pd.read_csv(data_dir / "train_bounding_boxes.csv")
     where = "gpu" if torch.cuda.is_available() else "cpu"
     name = f"fracture_{args.profile}_{where}" + (f"_{args.tag}" if args.tag else "")
+    runs_dir = work_dir / f"fracture_runs_{where}"
     forms = {}
     for form in args.forms.split(","):
-        settings = overridden(FractureSettings.for_profile(args.profile, form, args.model), args)
+        settings = overridden(form_settings(args.profile, form), args)
         t0 = time.perf_counter()
-        uids, inputs, metas = build_inputs(data_dir, work_dir, spec, settings, "train")
+        uids, inputs, metas = form_inputs(data_dir, work_dir, spec, settings, "train")
         t1 = time.perf_counter()
-        slice_targets = slice_targets_of(uids, metas, labels, boxes_true)
+        slice_targets = slice_targets_of(uids, metas, labels, boxes_true) if metas is not None else None
+        resumed = any((work_dir / f"fracture_models_{where}").glob(f"{settings.cfg.run_name}_fold*_last.pt"))
         cv = cross_validate_fracture(uids, inputs, labels, settings, work_dir / f"fracture_models_{where}",
                                      progress=False, slice_targets=slice_targets)
         t2 = time.perf_counter()
-        tu, ti, _ = build_inputs(data_dir, work_dir, spec, settings, "test")
+        tu, ti, _ = form_inputs(data_dir, work_dir, spec, settings, "test")
         t3 = time.perf_counter()
         models = load_fold_models(settings, in_channels(settings, inputs), work_dir / f"fracture_models_{where}",
                                   len(set(cv["folds"].values())))
         test_pred = predict_fracture(models, tu, ti, settings, cv["patient_mode"])
         t4 = time.perf_counter()
+        save_predictions(runs_dir, settings, cv["oof"], test_pred, {"patient_mode": cv["patient_mode"],
+                                                                   "n_folds": len(models), "tag": args.tag})
         truth = labels.set_index("StudyInstanceUID").loc[uids]
         oof = cv["oof"].set_index("StudyInstanceUID").loc[uids]
         auc = {t: float(roc_auc_score(truth[t], oof[t])) for t in [*VERTEBRAE, "patient_overall"]
@@ -154,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "test_loss": competition_loss(
                       test_labels[test_labels.StudyInstanceUID.isin(test_pred.StudyInstanceUID)], test_pred),
                   "auc": auc, "mean_vertebra_auc": float(np.mean([auc[v] for v in VERTEBRAE if v in auc])),
+                  "resumed_from_checkpoints": resumed,  # then train_all_folds is not a training time
                   "seconds_per_study": {"inputs": (t1 - t0) / len(uids), "train_all_folds": (t2 - t1) / len(uids),
                                         "test_inputs": (t3 - t2) / max(len(tu), 1),
                                         "test_inference_all_folds": (t4 - t3) / max(len(tu), 1)}}
@@ -169,8 +230,13 @@ def main(argv: list[str] | None = None) -> dict:
         forms[form] = result
         summary = {"profile": args.profile, "localisation": args.localisation, "localisation_seconds": loc_seconds,
                    "train_studies": len(labels), "prior_oof_loss": prior.loc["all"].drop("studies").to_dict(),
-                   "forms": forms, "targets": {"vertebra_oof_loss_over_prior": 0.6, "mean_vertebra_auc": 0.9}}
+                   "prior_test_loss": competition_loss(test_labels, predict_constant(fit_prior(labels),
+                                                                                     test_labels.StudyInstanceUID)),
+                   "forms": forms, "targets": {"vertebra_oof_loss_over_prior": 0.6, "mean_vertebra_auc": 0.9,
+                                               "vit_oof_loss_over_prior": 1.0, "blend_below_best_single": True}}
         write_result(name, summary)  # after each form: a crash keeps what was done
+    summary["ensemble"] = ensemble_section(labels, test_labels, runs_dir, 5)
+    write_result(name, summary)
     return summary
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import itertools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from kernel_utils.baseline import make_folds
+from kernel_utils.baseline import make_folds, predict_constant
+from kernel_utils.calibration import apply_calibration, fit_calibration
 from kernel_utils.metric import NEGATIVE_WEIGHTS, NORMALIZATIONS, POSITIVE_WEIGHTS, TARGETS, competition_loss
 
 EPS = 1e-15
@@ -32,16 +34,44 @@ def load_predictions(work_dir: str | os.PathLike) -> dict[str, tuple[pd.DataFram
     return out
 
 
-def _stack(labels: pd.DataFrame, preds: dict[str, pd.DataFrame]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(y [N, 8], p [M, N, 8], study weight sums [N]) over the studies every model predicted."""
+BLEND_ROW = "weighted blend (weights fitted out of fold)"
+MEAN_ROW = "mean of models"
+
+
+@dataclass
+class _Aligned:
+    """Labels and every model's out-of-fold predictions over the studies all of them predicted, with the folds
+    the blend and the calibration are checked on."""
+
+    truth: pd.DataFrame  # the labels' rows, in `uids` order
+    uids: list[str]
+    y: np.ndarray  # [N, 8]
+    p: np.ndarray  # [M, N, 8]
+    study_weight: np.ndarray  # [N]
+    folds: np.ndarray  # [N]
+
+
+def _aligned(labels: pd.DataFrame, preds: dict[str, pd.DataFrame], n_folds: int) -> _Aligned:
     common = set(labels.StudyInstanceUID)
     for p in preds.values():
         common &= set(p.StudyInstanceUID)
     uids = [u for u in labels.StudyInstanceUID if u in common]
-    y = labels.set_index("StudyInstanceUID").loc[uids, TARGETS].to_numpy(float)
+    truth = labels.set_index("StudyInstanceUID").loc[uids].reset_index()
+    y = truth[TARGETS].to_numpy(float)
     p = np.stack([df.set_index("StudyInstanceUID").loc[uids, TARGETS].to_numpy(float) for df in preds.values()])
     w = np.where(y > 0.5, POSITIVE_WEIGHTS, NEGATIVE_WEIGHTS)
-    return y, np.clip(p, EPS, 1 - EPS), w.sum(axis=1)
+    folds = make_folds(truth, n_folds).reindex(uids).to_numpy()
+    return _Aligned(truth, uids, y, np.clip(p, EPS, 1 - EPS), w.sum(axis=1), folds)
+
+
+def _mixed(weights: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Per-column blend of stacked predictions: weights [8, M], p [M, N, 8] -> [N, 8]."""
+    return np.einsum("jm,mnj->nj", weights, p)
+
+
+def _losses(truth: pd.DataFrame, uids: list[str], probs: np.ndarray) -> dict[str, float]:
+    pred = pd.DataFrame(probs, columns=TARGETS).assign(StudyInstanceUID=uids)
+    return {f"loss_{n}": competition_loss(truth, pred, n) for n in NORMALIZATIONS}
 
 
 def simplex_grid(n_models: int, step: float = 0.1) -> np.ndarray:
@@ -77,35 +107,77 @@ def compare(labels: pd.DataFrame, oofs: dict[str, pd.DataFrame], n_folds: int = 
     """Seed 004's comparison table, extended: every model, their mean, and the weighted blend whose weights
     are fitted on the other folds for each held-out fold. Returns the table and the weights fitted on all."""
     names = list(oofs)
-    y, p, sw = _stack(labels, oofs)
-    common = labels[labels.StudyInstanceUID.isin(oofs[names[0]].StudyInstanceUID)]
-    uids = [u for u in labels.StudyInstanceUID if u in set(common.StudyInstanceUID)]
-    truth = labels.set_index("StudyInstanceUID").loc[uids].reset_index()
-    folds = make_folds(truth, n_folds).reindex(uids).to_numpy()
-    cv_blend = np.zeros_like(y)
-    for k in np.unique(folds):
-        tr, va = folds != k, folds == k
-        w = fit_weights(y[tr], p[:, tr], sw[tr], step)
-        cv_blend[va] = np.einsum("jm,mnj->nj", w, p[:, va])
-    rows = {}
-    for i, name in enumerate(names):
-        rows[name] = p[i]
+    a = _aligned(labels, oofs, n_folds)
+    rows = {name: a.p[i] for i, name in enumerate(names)}
     if len(names) > 1:
-        rows["mean of models"] = p.mean(axis=0)
-        rows["weighted blend (weights fitted out of fold)"] = cv_blend
-    table = []
-    for name, arr in rows.items():
-        pred = pd.DataFrame(arr, columns=TARGETS).assign(StudyInstanceUID=uids)
-        table.append({"model": name, **{f"loss_{n}": competition_loss(truth, pred, n) for n in NORMALIZATIONS}})
-    return pd.DataFrame(table).set_index("model"), fit_weights(y, p, sw, step)
+        cv_blend = np.zeros_like(a.y)
+        for k in np.unique(a.folds):
+            tr, va = a.folds != k, a.folds == k
+            cv_blend[va] = _mixed(fit_weights(a.y[tr], a.p[:, tr], a.study_weight[tr], step), a.p[:, va])
+        rows[MEAN_ROW] = a.p.mean(axis=0)
+        rows[BLEND_ROW] = cv_blend
+    table = pd.DataFrame([{"model": name, **_losses(a.truth, a.uids, arr)} for name, arr in rows.items()])
+    return table.set_index("model"), fit_weights(a.y, a.p, a.study_weight, step)
+
+
+def calibrated_out_of_fold(labels: pd.DataFrame, oofs: dict[str, pd.DataFrame], weights: np.ndarray | None,
+                           n_folds: int = 5, step: float = 0.1) -> tuple[dict[str, float], np.ndarray]:
+    """The blend with `weights` [8, M] (None: weights fitted on the other folds, as the table's blend row), calibrated
+    per label (`calibration.fit_calibration`) on the other folds for each held-out fold: its losses out of fold, and
+    the calibration [8, 2] fitted on all studies."""
+    a = _aligned(labels, oofs, n_folds)
+    out = np.zeros_like(a.y)
+    for k in np.unique(a.folds):
+        tr, va = a.folds != k, a.folds == k
+        w = weights if weights is not None else fit_weights(a.y[tr], a.p[:, tr], a.study_weight[tr], step)
+        params = fit_calibration(a.y[tr], _mixed(w, a.p[:, tr]), a.study_weight[tr])
+        out[va] = apply_calibration(_mixed(w, a.p[:, va]), params)
+    w = weights if weights is not None else fit_weights(a.y, a.p, a.study_weight, step)
+    return _losses(a.truth, a.uids, out), fit_calibration(a.y, _mixed(w, a.p), a.study_weight)
 
 
 def chosen_weights(table: pd.DataFrame, fitted: np.ndarray, names: list[str]) -> tuple[str, np.ndarray]:
     """The row of `compare`'s table with the lowest per-study loss, as blend weights [8, M] over `names`:
     the fitted weights for the blend, equal weights for the mean, a one-hot column for a single model."""
     choice = str(table.loss_study.idxmin())
-    if choice == "weighted blend (weights fitted out of fold)":
+    if choice == BLEND_ROW:
         return choice, fitted
-    if choice == "mean of models":
+    if choice == MEAN_ROW:
         return choice, np.full((8, len(names)), 1 / len(names))
     return choice, np.array([[float(n == choice) for n in names]] * 8)
+
+
+@dataclass
+class Ensemble:
+    """What `ensemble_with_prior` chose: `compare`'s table with the calibrated row, the model names in weight order,
+    the chosen row, its weights [8, M], the calibration [8, 2] when it helped out of fold (else None) and the
+    chosen blend of the test predictions (wide)."""
+
+    table: pd.DataFrame
+    names: list[str]
+    choice: str
+    weights: np.ndarray
+    calibration: np.ndarray | None
+    test: pd.DataFrame
+
+
+def ensemble_with_prior(labels: pd.DataFrame, models: dict[str, tuple[pd.DataFrame, pd.DataFrame]],
+                        oof_prior: pd.DataFrame, prior: dict[str, float], n_folds: int = 5) -> Ensemble:
+    """Every model's (oof, test) predictions with the prior as one more model (so the blend may keep it for the
+    labels no model beats it on): compared out of fold, the best row chosen, calibrated when that lowers its loss out
+    of fold, and its blend of the test studies."""
+    models = dict(models)
+    test_uids = next(iter(models.values()))[1].StudyInstanceUID
+    models["prior"] = (oof_prior.drop(columns="fold", errors="ignore"), predict_constant(prior, test_uids))
+    names = list(models)
+    oofs = {n: oof for n, (oof, _) in models.items()}
+    table, fitted = compare(labels, oofs, n_folds)
+    choice, weights = chosen_weights(table, fitted, names)
+    losses, calibration = calibrated_out_of_fold(labels, oofs, None if choice == BLEND_ROW else weights, n_folds)
+    table.loc[f"{choice} + calibration (fitted out of fold)"] = losses
+    test = blend([models[n][1] for n in names], weights)
+    if losses["loss_study"] < table.loc[choice, "loss_study"]:
+        test[TARGETS] = apply_calibration(test[TARGETS].to_numpy(float), calibration)
+    else:
+        calibration = None
+    return Ensemble(table, names, choice, weights, calibration, test)

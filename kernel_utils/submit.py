@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from kernel_utils.cache import CacheSpec, build_cache, iter_cached
+from kernel_utils.calibration import apply_calibration
 from kernel_utils.ensemble import blend
 from kernel_utils.fracture import FractureSettings, build_inputs, load_fold_models, predict_fracture
 from kernel_utils.localisation import LocalisationSettings, load_localisation_models, localise_all
@@ -33,8 +34,10 @@ KAGGLE_LIMIT_HOURS = 9.0
 
 
 def save_ensemble(work_dir: str | os.PathLike, names: list[str], weights: np.ndarray, choice: str,
-                  prior: dict[str, float], cache: CacheSpec, table: pd.DataFrame | None = None) -> Path:
-    """`predictions/ensemble.json`: the blend, the prior and the cache; with `localisation/localisation.json` and
+                  prior: dict[str, float], cache: CacheSpec, table: pd.DataFrame | None = None,
+                  calibration: np.ndarray | None = None) -> Path:
+    """`predictions/ensemble.json`: the blend (weights [8, M], and the calibration [8, 2] of `calibration.py` when
+    notebook 05 found it helps), the prior and the cache; with `localisation/localisation.json` and
     `predictions/<model>.json` it is everything inference needs besides the weights files. The out-of-fold
     comparison table (`ensemble.compare`), when given, goes to `predictions/ensemble_table.csv`."""
     path = Path(work_dir) / "predictions" / "ensemble.json"
@@ -43,6 +46,7 @@ def save_ensemble(work_dir: str | os.PathLike, names: list[str], weights: np.nda
         table.rename_axis("model").to_csv(path.with_name("ensemble_table.csv"))
     path.write_text(json.dumps({
         "models": names, "weights": np.asarray(weights).tolist(), "choice": choice, "prior": prior,
+        "calibration": None if calibration is None else np.asarray(calibration).tolist(),
         "cache": {"image_size": cache.image_size, "crop": cache.crop, "compress": cache.compress,
                   "windows": [[w.name, w.level, w.width] for w in cache.windows]}}, indent=1))
     return path
@@ -123,7 +127,9 @@ def predict_test(data_dir: str | os.PathLike, work_dir: str | os.PathLike, out_p
 
     prior = predict_constant(meta["prior"], uids)
     ordered = [tests.get(n, prior) for n in meta["models"]]  # a model not run has no weight
-    final = blend(ordered, np.asarray(meta["weights"])) if len(ordered) > 1 else ordered[0]
+    final = blend(ordered, np.asarray(meta["weights"])) if len(ordered) > 1 else ordered[0].copy()
+    if meta.get("calibration") is not None:
+        final[TARGETS] = apply_calibration(final[TARGETS].to_numpy(float), np.asarray(meta["calibration"]))
     return write_submission(final[["StudyInstanceUID", *TARGETS]], data_dir / "test.csv",
                             out_path or work_dir / "submission.csv", fallback=meta["prior"])
 

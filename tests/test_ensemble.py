@@ -56,6 +56,29 @@ def test_chosen_weights_follow_the_best_row():
     assert choice == "mean of models" and np.allclose(w, 0.5)
 
 
+def test_ensemble_with_prior_compares_blends_and_predicts_the_test_studies():
+    from kernel_utils.baseline import cross_validate_prior, fit_prior, make_folds
+    from kernel_utils.calibration import apply_calibration
+    from kernel_utils.ensemble import ensemble_with_prior
+
+    labels, good, noise = _constructed()
+    oof_prior, _ = cross_validate_prior(labels, make_folds(labels, 4))
+    test = good.iloc[:50].assign(StudyInstanceUID=[f"9.9.{i}" for i in range(50)])
+    both = ensemble_with_prior(labels, {"good": (good, test), "noise": (noise, test)}, oof_prior, fit_prior(labels), 4)
+    assert both.names == ["good", "noise", "prior"] and "prior" in both.table.index
+    assert both.table.loss_study["good"] < both.table.loss_study["prior"] < both.table.loss_study["noise"]
+    assert both.choice != "noise" and both.choice != "prior"
+    assert list(both.test.StudyInstanceUID) == list(test.StudyInstanceUID)
+    assert np.allclose(both.weights.sum(axis=1), 1) and (both.weights[:, 1] <= 0.1).all()
+    alone = ensemble_with_prior(labels, {"noise": (noise, test)}, oof_prior, fit_prior(labels), 4)
+    assert alone.choice != "noise" and alone.weights[:, 1].mean() > 0.5  # the prior's column carries the blend
+    mixed = alone.weights[0, 0] * test["C1"] + alone.weights[0, 1] * fit_prior(labels)["C1"]
+    if alone.calibration is not None:
+        mixed = apply_calibration(np.tile(mixed.to_numpy()[:, None], (1, 8)), alone.calibration)[:, 0]
+    assert np.allclose(alone.test[TARGETS].to_numpy()[:, 0], mixed)
+    assert alone.table.index[-1] == f"{alone.choice} + calibration (fitted out of fold)"
+
+
 def test_stage_timing_splits_data_from_model_time(monkeypatch):
     import kernel_utils.submit as submit
 
