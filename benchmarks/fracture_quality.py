@@ -11,6 +11,7 @@ and notebook 05's comparison of them with the prior and their blend (seed 004's 
         --lr 1e-3 --tag cpu_pilot     # a shorter run that fits on 2 CPU cores (about 35 minutes)
     python -m benchmarks.fracture_quality --profile bench --forms vit --epochs 20 --folds 2 \
         --param hidden=192 --param layers=4 --param heads=4 --tag cpu_pilot_vit   # a smaller ViT for 2 CPU cores
+    ... --fresh-test 200    # also score the fold models on 200 new studies (a rerun resumes from the checkpoints)
 """
 
 from __future__ import annotations
@@ -103,6 +104,45 @@ def _parsed(value: str, like):
     return type(like)(value)
 
 
+def fresh_test_data(profile: str, n: int, spec, workers: int) -> tuple[Path, Path]:
+    """(data_dir, work_dir) of `n` new test studies of the profile's distribution (seed 11, not the bench set's 0),
+    cached and localised from their truth: a larger held-out set than the profile's test split."""
+    from benchmarks.common import ROOT
+    from kernel_utils.cache import build_cache
+    from kernel_utils.synthetic import PROFILE_SIZES, make_dataset
+
+    work_dir = ROOT / ".data" / f"fresh_{profile}_{n}"
+    data_dir = work_dir / "synthetic"
+    if not (data_dir / "_truth" / "dataset.json").exists():
+        partial = work_dir / ".synthetic.partial"
+        make_dataset(str(partial), n_train=0, n_test=n, size=PROFILE_SIZES[profile][2], seed=11, workers=workers)
+        partial.rename(data_dir)
+    build_cache(data_dir, work_dir, "test", spec, workers=workers)
+    (work_dir / "localisation").mkdir(exist_ok=True)
+    truth_localisation(data_dir, work_dir, spec)
+    return data_dir, work_dir
+
+
+def aucs(truth: pd.DataFrame, pred: pd.DataFrame) -> dict[str, float]:
+    """ROC AUC of every target with both classes present; truth and pred wide tables."""
+    pred = pred.set_index("StudyInstanceUID").loc[truth.StudyInstanceUID]
+    truth = truth.set_index("StudyInstanceUID")
+    return {t: float(roc_auc_score(truth[t], pred[t])) for t in [*VERTEBRAE, "patient_overall"]
+            if 0 < truth[t].sum() < len(truth)}
+
+
+def fresh_test_scores(models, settings, patient_mode: str, fresh, spec, prior_values: dict) -> dict:
+    """The fold models' mean on the fresh studies: loss, the prior's loss there, AUCs."""
+    data_dir, work_dir = fresh
+    uids, inputs, _ = form_inputs(data_dir, work_dir, spec, settings, "test")
+    pred = predict_fracture(models, uids, inputs, settings, patient_mode)
+    truth = pd.read_csv(data_dir / "_truth" / "test_labels.csv").set_index("StudyInstanceUID").loc[uids].reset_index()
+    auc = aucs(truth, pred)
+    return {"studies": len(uids), "fractured": int(truth.patient_overall.sum()), "loss": competition_loss(truth, pred),
+            "prior_loss": competition_loss(truth, predict_constant(prior_values, uids)), "auc": auc,
+            "mean_vertebra_auc": float(np.mean([auc[v] for v in VERTEBRAE if v in auc]))}
+
+
 def ensemble_section(labels: pd.DataFrame, test_labels: pd.DataFrame, runs_dir, n_folds: int) -> dict:
     """Notebook 05's comparison of every stored form's out-of-fold predictions with the prior and their blend, and
     the test loss of each row (the blend with the weights fitted on all out-of-fold predictions)."""
@@ -161,6 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                     help="a model parameter instead of the profile's, e.g. channel=2 (repeatable)")
     ap.add_argument("--tag", default="", help="added to the result's name, e.g. cpu_pilot")
+    ap.add_argument("--fresh-test", type=int, default=0, metavar="N",
+                    help="also score every form on N new studies of the profile's distribution (the test split is "
+                         "small: 40 studies in bench)")
     args = ap.parse_args(argv)
     forms = args.forms.split(",")
     known = {k for form in forms for k, _ in form_settings(args.profile, form).cfg.params}
@@ -183,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     where = "gpu" if torch.cuda.is_available() else "cpu"
     name = f"fracture_{args.profile}_{where}" + (f"_{args.tag}" if args.tag else "")
     runs_dir = work_dir / f"fracture_runs_{where}"
+    fresh = fresh_test_data(args.profile, args.fresh_test, spec, args.workers) if args.fresh_test else None
     forms = {}
     for form in args.forms.split(","):
         settings = overridden(form_settings(args.profile, form), args)
@@ -202,10 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
         t4 = time.perf_counter()
         save_predictions(runs_dir, settings, cv["oof"], test_pred, {"patient_mode": cv["patient_mode"],
                                                                    "n_folds": len(models), "tag": args.tag})
-        truth = labels.set_index("StudyInstanceUID").loc[uids]
-        oof = cv["oof"].set_index("StudyInstanceUID").loc[uids]
-        auc = {t: float(roc_auc_score(truth[t], oof[t])) for t in [*VERTEBRAE, "patient_overall"]
-               if 0 < truth[t].sum() < len(truth)}
+        auc = aucs(labels.set_index("StudyInstanceUID").loc[uids].reset_index(), cv["oof"])
         result = {"run": settings.cfg.run_name, "model": settings.cfg.model, "params": dict(settings.cfg.params),
                   "epochs": settings.cfg.epochs, "lr": settings.cfg.lr, "folds": settings.n_folds,
                   "patient_mode": cv["patient_mode"],
@@ -218,6 +259,9 @@ def main(argv: list[str] | None = None) -> dict:
                   "seconds_per_study": {"inputs": (t1 - t0) / len(uids), "train_all_folds": (t2 - t1) / len(uids),
                                         "test_inputs": (t3 - t2) / max(len(tu), 1),
                                         "test_inference_all_folds": (t4 - t3) / max(len(tu), 1)}}
+        if fresh is not None:
+            result["fresh_test"] = fresh_test_scores(models, settings, cv["patient_mode"], fresh, spec,
+                                                     fit_prior(labels))
         forms[form] = result
         write_result(name, {"forms": forms, "partial": True})
         if form == "vertebra" and len(boxes_true):
