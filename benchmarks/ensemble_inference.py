@@ -22,6 +22,7 @@ import torch
 from benchmarks.common import ROOT, write_result
 from kernel_utils.cache import cache_dir
 from kernel_utils.config import get_profile
+from kernel_utils.ensemble import CALIBRATED
 from kernel_utils.pipeline import ensure_synthetic, run
 from kernel_utils.submit import HIDDEN_TEST_STUDIES, KAGGLE_LIMIT_HOURS, ensemble_cache_spec, predict_test
 
@@ -32,14 +33,18 @@ def ensemble_figures(work_dir: Path) -> dict:
     """Out-of-fold competition loss of every row of notebook 05's table, the chosen blend and the best model."""
     table = pd.read_csv(work_dir / "predictions" / "ensemble_table.csv", index_col="model")
     meta = json.loads((work_dir / "predictions" / "ensemble.json").read_text())
-    singles = table.drop(index=[i for i in table.index if i in BLENDS])
+    singles = table.drop(index=[i for i in table.index if i in BLENDS or i.endswith(CALIBRATED)])
     best = singles.loss_study.idxmin()
     blend_row = BLENDS[1] if BLENDS[1] in table.index else best
+    calibrated = meta.get("calibration") is not None
+    submitted = meta["choice"] + CALIBRATED if calibrated else meta["choice"]
     return {"table_loss_study": table.loss_study.to_dict(), "best_single_model": best,
             "best_single_loss_study": float(table.loss_study[best]),
             "weighted_blend_loss_study": float(table.loss_study[blend_row]),
             "blend_over_best_single": float(table.loss_study[blend_row] / table.loss_study[best]),
-            "submission_uses": meta["choice"]}
+            "submission_uses": meta["choice"], "calibrated": calibrated,
+            "submitted_loss_study": float(table.loss_study[submitted]),
+            "submitted_over_best_single": float(table.loss_study[submitted] / table.loss_study[best])}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -36,6 +36,7 @@ def load_predictions(work_dir: str | os.PathLike) -> dict[str, tuple[pd.DataFram
 
 BLEND_ROW = "weighted blend (weights fitted out of fold)"
 MEAN_ROW = "mean of models"
+CALIBRATED = " + calibration (fitted out of fold)"  # the chosen row's name plus this: the calibrated row
 
 
 @dataclass
@@ -174,7 +175,7 @@ def ensemble_with_prior(labels: pd.DataFrame, models: dict[str, tuple[pd.DataFra
     table, fitted = compare(labels, oofs, n_folds)
     choice, weights = chosen_weights(table, fitted, names)
     losses, calibration = calibrated_out_of_fold(labels, oofs, None if choice == BLEND_ROW else weights, n_folds)
-    table.loc[f"{choice} + calibration (fitted out of fold)"] = losses
+    table.loc[choice + CALIBRATED] = losses
     test = blend([models[n][1] for n in names], weights)
     if losses["loss_study"] < table.loc[choice, "loss_study"]:
         test[TARGETS] = apply_calibration(test[TARGETS].to_numpy(float), calibration)

@@ -38,7 +38,7 @@ def test_identity_and_one_class_columns():
 
 def test_ensemble_calibrates_a_squashed_model_and_its_test_predictions():
     from kernel_utils.baseline import cross_validate_prior, fit_prior, make_folds
-    from kernel_utils.ensemble import ensemble_with_prior
+    from kernel_utils.ensemble import CALIBRATED, ensemble_with_prior
 
     rng = np.random.default_rng(2)
     n = 600
@@ -51,7 +51,7 @@ def test_ensemble_calibrates_a_squashed_model_and_its_test_predictions():
     test = oof.iloc[:40].assign(StudyInstanceUID=[f"8.8.{i}" for i in range(40)])
     oof_prior, _ = cross_validate_prior(labels, make_folds(labels, 4))
     ens = ensemble_with_prior(labels, {"squashed": (oof, test)}, oof_prior, fit_prior(labels), 4)
-    row = f"{ens.choice} + calibration (fitted out of fold)"
+    row = ens.choice + CALIBRATED
     assert ens.table.loss_study[row] < 0.7 * ens.table.loss_study[ens.choice]
     assert ens.calibration is not None and (ens.calibration[:7, 0] > 5).all()  # C1-C7 spread out
     expected = apply_calibration(

@@ -59,7 +59,7 @@ def test_chosen_weights_follow_the_best_row():
 def test_ensemble_with_prior_compares_blends_and_predicts_the_test_studies():
     from kernel_utils.baseline import cross_validate_prior, fit_prior, make_folds
     from kernel_utils.calibration import apply_calibration
-    from kernel_utils.ensemble import ensemble_with_prior
+    from kernel_utils.ensemble import CALIBRATED, ensemble_with_prior
 
     labels, good, noise = _constructed()
     oof_prior, _ = cross_validate_prior(labels, make_folds(labels, 4))
@@ -76,7 +76,7 @@ def test_ensemble_with_prior_compares_blends_and_predicts_the_test_studies():
     if alone.calibration is not None:
         mixed = apply_calibration(np.tile(mixed.to_numpy()[:, None], (1, 8)), alone.calibration)[:, 0]
     assert np.allclose(alone.test[TARGETS].to_numpy()[:, 0], mixed)
-    assert alone.table.index[-1] == f"{alone.choice} + calibration (fitted out of fold)"
+    assert alone.table.index[-1] == alone.choice + CALIBRATED
 
 
 def test_stage_timing_splits_data_from_model_time(monkeypatch):
