@@ -98,8 +98,7 @@ def blend(preds: list[pd.DataFrame], weights: np.ndarray) -> pd.DataFrame:
     """Weighted per-column blend of wide tables (same studies), weights [8, M]."""
     base = preds[0][["StudyInstanceUID"]].copy()
     arrays = [p.set_index("StudyInstanceUID").loc[base.StudyInstanceUID, TARGETS].to_numpy(float) for p in preds]
-    stacked = np.stack(arrays)  # [M, N, 8]
-    base[TARGETS] = np.einsum("jm,mnj->nj", weights, stacked)
+    base[TARGETS] = _mixed(weights, np.stack(arrays))
     return base
 
 
