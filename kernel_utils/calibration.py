@@ -34,7 +34,8 @@ def fit_calibration(y: np.ndarray, p: np.ndarray, study_weight: np.ndarray) -> n
     """(1 / T, b) per column, [8, 2], minimising each column's share of the per-study metric.
 
     y, p: [N, 8] labels and probabilities; study_weight: [N] the sum of each study's label weights. A column with one
-    class only, or whose fit would invert the ranking (1 / T <= 0), keeps the identity."""
+    class only keeps the identity. Where the fit would invert the ranking (1 / T < 0) the best fit with 1 / T >= 0
+    lies on 1 / T = 0 (the loss is convex): the constant that minimises the column's weighted loss."""
     weights = label_weights(y, study_weight)
     params = np.tile(IDENTITY, (y.shape[1], 1))
     for j in range(y.shape[1]):
@@ -43,10 +44,10 @@ def fit_calibration(y: np.ndarray, p: np.ndarray, study_weight: np.ndarray) -> n
         fit = LogisticRegression(C=np.inf, max_iter=1000)
         fit.fit(_logit(p[:, j])[:, None], (y[:, j] > 0.5).astype(int), sample_weight=weights[:, j])
         a, b = float(fit.coef_[0, 0]), float(fit.intercept_[0])
-        if a > 0:
-            params[j] = (a, b)
-        else:
-            log.warning("label %d: the calibration would invert the ranking (1/T = %.3f); left as it is", j, a)
+        if a < 0:
+            log.debug("label %d: the fit would invert the ranking (1/T = %.3f): the best constant instead", j, a)
+            a, b = 0.0, float(_logit(np.float64((weights[:, j] * y[:, j]).sum() / weights[:, j].sum())))
+        params[j] = (a, b)
     return params
 
 

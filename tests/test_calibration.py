@@ -26,14 +26,17 @@ def test_fit_recovers_temperature_and_the_weighted_shift():
     assert np.allclose(calibrated, _sigmoid(z + np.log(2)), atol=0.03)
 
 
-def test_identity_and_one_class_columns():
+def test_identity_one_class_and_backwards_columns():
     rng = np.random.default_rng(1)
     p = rng.uniform(0.01, 0.99, (50, 8))
     assert np.allclose(apply_calibration(p, np.tile(IDENTITY, (8, 1))), p)
     y = (rng.random((50, 8)) < p).astype(float)
     y[:, 2] = 0  # no positive: nothing to fit
+    y[:, 3] = (p[:, 3] < 0.5).astype(float)  # ranked backwards: the best monotone fit is a constant
     params = fit_calibration(y, p, np.ones(50))
     assert tuple(params[2]) == IDENTITY and not np.allclose(params[0], IDENTITY)
+    weighted_mean = 2 * y[:, 3].sum() / (2 * y[:, 3].sum() + (1 - y[:, 3]).sum())
+    assert params[3, 0] == 0 and np.allclose(apply_calibration(p, params)[:, 3], weighted_mean)
 
 
 def test_ensemble_calibrates_a_squashed_model_and_its_test_predictions():
