@@ -100,7 +100,7 @@ def _parsed(value: str, like):
     if isinstance(like, bool):
         return value.lower() in ("1", "true")
     if isinstance(like, tuple):
-        return tuple(type(like[0])(v) for v in value.split(","))
+        return tuple(type(like[0])(v) for v in value.split(",") if v)  # "" is the empty tuple
     return type(like)(value)
 
 
@@ -170,8 +170,8 @@ def ensemble_section(labels: pd.DataFrame, test_labels: pd.DataFrame, runs_dir, 
 
 
 def overridden(settings: FractureSettings, args) -> FractureSettings:
-    """The profile's settings with the epochs, learning rate, folds, auxiliary slice-loss weight and `--param`
-    values given on the command line."""
+    """The profile's settings with the epochs, learning rate, batch size, folds, auxiliary slice-loss weight and
+    `--param` values given on the command line."""
     params = dict(settings.cfg.params)
     if args.slice_loss is not None and settings.form == "vertebra":
         params["slice_loss"] = args.slice_loss
@@ -182,7 +182,7 @@ def overridden(settings: FractureSettings, args) -> FractureSettings:
     params = tuple(params.items())
     model = args.model if args.model and settings.form != "vit" else settings.cfg.model
     cfg = dataclasses.replace(settings.cfg, epochs=args.epochs or settings.cfg.epochs, lr=args.lr or settings.cfg.lr,
-                              model=model, params=params)
+                              batch_size=args.batch or settings.cfg.batch_size, model=model, params=params)
     return dataclasses.replace(settings, cfg=cfg, n_folds=args.folds or settings.n_folds)
 
 
@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epochs", type=int, default=0, help="instead of the profile's")
     ap.add_argument("--folds", type=int, default=0, help="instead of the profile's")
     ap.add_argument("--lr", type=float, default=0.0, help="instead of the profile's")
+    ap.add_argument("--batch", type=int, default=0, help="batch size instead of the profile's")
     ap.add_argument("--slice-loss", type=float, default=None,
                     help="weight of the per-vertebra form's per-slice auxiliary loss instead of the profile's (0: off)")
     ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",

@@ -148,16 +148,18 @@ def with_patient_mode(probs: np.ndarray, mode: str) -> np.ndarray:
 
 
 def _trains_on_vertebrae(settings) -> bool:
-    return settings.form == "vertebra" and settings.cfg.param("train_on", "studies") == "vertebrae"
+    return settings.form in ("vertebra", "vit") and settings.cfg.param("train_on", "studies") == "vertebrae"
 
 
 def vertebra_samples(inputs: list[np.ndarray], targets: np.ndarray, augment: bool,
                      image_channels: int | None, rotate_shift: bool = True,
-                     slice_targets: np.ndarray | None = None) -> FractureDataset:
+                     slice_targets: np.ndarray | None = None, volumes: bool = False) -> FractureDataset:
     """One sample per vertebra of per-vertebra inputs [7, N, C, H, W]: images [N, C, H, W], target [1], and
-    with slice_targets [S, 7, N] (`slice_targets_of`) each slice's label, slice_target [N]."""
+    with slice_targets [S, 7, N] (`slice_targets_of`) each slice's label, slice_target [N]. `volumes`: the inputs
+    are the ViT's [C, 7 * d, H, W], each vertebra's block [C, d, H, W]."""
     per_slice = None if slice_targets is None else slice_targets.reshape(-1, slice_targets.shape[-1])
-    return FractureDataset([x[k] for x in inputs for k in range(7)], targets[:, :7].reshape(-1, 1),
+    blocks = [b for x in inputs for b in (np.split(x, 7, axis=1) if volumes else x)]
+    return FractureDataset(blocks, targets[:, :7].reshape(-1, 1),
                            augment=augment, image_channels=image_channels, rotate_shift=rotate_shift,
                            slice_targets=per_slice)
 
@@ -215,8 +217,9 @@ def _train_fold(settings, model, inputs, targets, slice_targets, tr, va, fold, o
                         "the vertebra label alone trains", fold)
         train_ds = vertebra_samples(tr_inputs, targets[tr], True, image_channels,
                                     bool(settings.cfg.param("rotate_shift", True)),
-                                    slice_targets[tr] if with_slices else None)
-        valid_ds = vertebra_samples(va_inputs, targets[va], False, image_channels)  # model choice: vertebra loss
+                                    slice_targets[tr] if with_slices else None, volumes=settings.form == "vit")
+        valid_ds = vertebra_samples(va_inputs, targets[va], False, image_channels,  # model choice: vertebra loss
+                                    volumes=settings.form == "vit")
         loss_fn, forward = ((functools.partial(vertebra_slice_loss, slice_weight=weight),
                              model.vertebra_and_slice_logits) if with_slices else (vertebra_batch_loss, None))
         hist = fit(model, train_ds, valid_ds, loss_fn, settings.cfg, out_dir, fold, progress=progress, forward=forward)
@@ -277,7 +280,7 @@ def cross_validate_fracture(uids: list[str], inputs: list[np.ndarray], labels: p
         valid_ds = FractureDataset([inputs[i] for i in va], targets[va])
         raw[va] = _sigmoid(predict(model, valid_ds, batch_size=settings.cfg.batch_size))
     truth = labels[["StudyInstanceUID", *TARGETS]]
-    modes = ("head", "product") if settings.form == "vertebra" else ("head",)
+    modes = ("head", "product") if settings.form == "vertebra" or _trains_on_vertebrae(settings) else ("head",)
     patient_scores = {m: competition_loss(truth, _wide(uids, with_patient_mode(raw, m))) for m in modes}
     mode = min(patient_scores, key=patient_scores.get)
     oof = _wide(uids, with_patient_mode(raw, mode)).assign(fold=fold_of)

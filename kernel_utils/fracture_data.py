@@ -23,7 +23,8 @@ def evenly_spaced(first: int, last: int, n: int) -> np.ndarray:
     return np.rint(np.linspace(first, last, n)).astype(int)
 
 
-def _square_box(y0: int, y1: int, x0: int, x1: int, margin: float, h: int, w: int) -> tuple[int, int, int, int]:
+def square_box(y0: int, y1: int, x0: int, x1: int, margin: float, h: int, w: int) -> tuple[int, int, int, int]:
+    """A square of the box's longer side plus `margin` on each side, about its centre, moved inside [h, w]."""
     cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
     side = max(y1 - y0, x1 - x0) * (1 + 2 * margin)
     side = max(side, 8)
@@ -60,7 +61,7 @@ def vertebra_stacks(images: np.ndarray, mask: np.ndarray | None, ranges: pd.Data
         row = rows.loc[f"C{k}"] if rows is not None and f"C{k}" in rows.index else None
         if row is not None and bool(row["found"]):
             zs = evenly_spaced(int(row["first"]), int(row["last"]), n_slices)
-            y0, y1, x0, x1 = _square_box(int(row["y0"]), int(row["y1"]), int(row["x0"]), int(row["x1"]), margin, h, w)
+            y0, y1, x0, x1 = square_box(int(row["y0"]), int(row["y1"]), int(row["x0"]), int(row["x1"]), margin, h, w)
         else:  # fallback: the k-th of seven even windows of the whole study, whole slices
             lo, hi = (k - 1) * z_n // 7, max(k * z_n // 7 - 1, (k - 1) * z_n // 7)
             zs = evenly_spaced(lo, hi, n_slices)
