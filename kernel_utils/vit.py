@@ -137,9 +137,10 @@ class ViTClassifier(nn.Module):
     `encode="volume"` (seed 004): one ViT over the whole volume, a linear head of eight logits from its CLS token.
     `encode="vertebra"`: the volume is the seven vertebrae's blocks of D / 7 slices, and the same ViT encodes each
     block on its own: a linear head gives each vertebra its logit from that block's CLS token, and a small head
-    over the seven CLS tokens (mean and max) gives patient_overall. Each label then belongs to its own tokens (48
-    instead of 336 at bench size), the way the per-vertebra CNN sees it. With `train_on="vertebrae"` (the default) it trains like the
-    per-vertebra CNN: on single blocks x [B, C, D / 7, H, W] -> [B, 1], then the patient head on the frozen features.
+    over the seven CLS tokens (mean and max) gives patient_overall. Each label then belongs to its own tokens
+    (48 instead of 336 at bench size), the way the per-vertebra CNN sees it. With `train_on="vertebrae"` (the
+    default) it trains like the per-vertebra CNN: on single blocks x [B, C, D / 7, H, W] -> [B, 1], then the
+    patient head on the frozen features.
 
     Seed 004 embeds raw patches of the whole volume; on the bench set that ViT stayed at chance (mean vertebra AUC
     0.48-0.50 out of fold) while a small 3D CNN reached 0.98 on the same vertebra crops: a thin fracture line is a
