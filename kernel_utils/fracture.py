@@ -31,7 +31,6 @@ from kernel_utils.fracture_data import (
 )
 from kernel_utils.fracture_models import (
     SliceFracture,
-    VertebraCnnLstm,
     batch_loss,
     vertebra_batch_loss,
     vertebra_bce,
@@ -164,11 +163,12 @@ def vertebra_samples(inputs: list[np.ndarray], targets: np.ndarray, augment: boo
                            slice_targets=per_slice)
 
 
-def fit_patient_head(model: VertebraCnnLstm, inputs: list[np.ndarray], targets: np.ndarray, seed: int,
+def fit_patient_head(model: torch.nn.Module, inputs: list[np.ndarray], targets: np.ndarray, seed: int,
                      steps: int = 300, lr: float = 1e-3) -> list[float]:
     """Train the patient head alone on the frozen vertebra features of the training studies (patient_overall,
     the metric's 2:1 weights); the head starts from a seeded initialisation, so a rerun gives the same weights.
-    Returns the loss of every step."""
+    `model`: any with `vertebra_features`, `patient_logit` and `patient_head` (`VertebraCnnLstm`, or
+    `ViTClassifier` with encode="vertebra"). Returns the loss of every step."""
     feats = torch.from_numpy(predict(model, FractureDataset(inputs, None), 8, forward=model.vertebra_features))
     target = torch.from_numpy(targets[:, 7:8].astype(np.float32))
     model.cpu()
