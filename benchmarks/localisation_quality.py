@@ -6,6 +6,8 @@ held-out segmented studies by cross-validation, with the time each took.
     python -m benchmarks.localisation_quality --profile bench
     python -m benchmarks.localisation_quality --profile bench --slice-model resnet18 --epochs 2 --folds 2 \
         --seg-epochs 0 --tag cpu_pilot   # the CPU pilot of the slice models (no 3D UNet)
+    python -m benchmarks.localisation_quality --profile bench --folds 2 --unet-only --tag cpu_pilot_unet
+    python -m benchmarks.localisation_quality --profile bench --ceiling-only   # Dice a perfect UNet gets per cube side
 """
 
 from __future__ import annotations
@@ -14,11 +16,23 @@ import argparse
 import dataclasses
 import time
 
+import numpy as np
 import torch
 
 from benchmarks.common import prepared_data, write_result
 from kernel_utils.cache import iter_cached, profile_cache_spec
-from kernel_utils.localisation import LocalisationSettings, accuracy_table, cross_validate, range_table
+from kernel_utils.localisation import (
+    LocalisationSettings,
+    accuracy_table,
+    best_possible_dice,
+    cross_validate,
+    range_table,
+)
+
+
+def dice_ceiling(studies: list[dict], size: int) -> float:
+    """Mean over the studies of `best_possible_dice` at a cube side."""
+    return round(float(np.mean([best_possible_dice(s["mask"], size) for s in studies])), 4)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -30,6 +44,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epochs", type=int, default=0, help="slice CNN epochs; 0: the profile's")
     ap.add_argument("--seg-epochs", type=int, default=-1, help="3D UNet epochs; -1: the profile's; 0: not trained "
                     "(one step, so the run goes through; no Dice reported)")
+    ap.add_argument("--seg-size", type=int, default=0, help="3D UNet cube side; 0: the profile's")
+    ap.add_argument("--unet-only", action="store_true", help="train and score the 3D UNet alone")
+    ap.add_argument("--ceiling-only", action="store_true",
+                    help="no training: the mean Dice of a perfect prediction at cube sides 64, 96, 128")
     ap.add_argument("--tag", default="", help="added to the results file name")
     args = ap.parse_args(argv)
     data_dir, work_dir = prepared_data(args.profile, workers=args.workers)
@@ -37,6 +55,11 @@ def main(argv: list[str] | None = None) -> dict:
     studies = [{"uid": u, "images": e["images"], "mask": e["mask"]}
                for _, u, e in iter_cached(data_dir, work_dir, spec, ("train",), only_masked=True)]
     settings = LocalisationSettings.for_profile(args.profile, args.slice_model)
+    if args.ceiling_only:
+        return write_result(f"localisation_{args.profile}_dice_ceiling", {
+            "profile": args.profile, "segmented_studies": len(studies), "image_size": spec.image_size,
+            "what": "mean Dice over C1..C7 of the true mask at the cube side, brought back to the cache grid",
+            "dice_ceiling": {size: dice_ceiling(studies, size) for size in sorted({64, 96, 128, settings.seg_size})}})
     if args.folds:
         settings = dataclasses.replace(settings, n_folds=args.folds)
     if args.epochs:
@@ -45,23 +68,32 @@ def main(argv: list[str] | None = None) -> dict:
         steps = 1 if args.seg_epochs == 0 else settings.seg_cfg.max_steps_per_epoch
         seg = dataclasses.replace(settings.seg_cfg, epochs=max(args.seg_epochs, 1), max_steps_per_epoch=steps)
         settings = dataclasses.replace(settings, seg_cfg=seg)
+    if args.seg_size:
+        seg = dataclasses.replace(settings.seg_cfg, params=tuple(
+            (k, args.seg_size if k == "size" else v) for k, v in settings.seg_cfg.params))
+        settings = dataclasses.replace(settings, seg_cfg=seg, seg_size=args.seg_size)
     where = "gpu" if torch.cuda.is_available() else "cpu"
     models_dir = work_dir / f"localisation_models_{where}"
     # a rerun resumes finished trainings from their checkpoints: its seconds are then not training times
-    reused = sorted(p.name for p in models_dir.glob("*_last.pt")) if models_dir.is_dir() else []
+    trained = [settings.seg_cfg] + ([] if args.unet_only else [settings.slice_cfg, settings.sequence_cfg])
+    reused = sorted(p.name for cfg in trained for p in models_dir.glob(f"{cfg.run_name}_fold*_last.pt"))
     start = time.perf_counter()
-    cv = cross_validate(studies, settings, models_dir)
-    acc = accuracy_table(cv["slices"])
+    cv = cross_validate(studies, settings, models_dir, slice_models=not args.unet_only)
     dice = cv["dice"].drop(columns=["uid", "fold"]).mean()
     name = f"localisation_{args.profile}_{where}" + (f"_{args.tag}" if args.tag else "")
     result = {
         "profile": args.profile, "segmented_studies": len(studies), "image_size": spec.image_size,
         "seg_size": settings.seg_size, "folds": len(set(cv["folds"].values())),
-        "slice_model": settings.slice_cfg.model, "slice_epochs": settings.slice_cfg.epochs,
-        "sequence_head": settings.sequence_cfg.run_name, "seg_epochs": settings.seg_cfg.epochs,
-        "accuracy": acc.round(4).to_dict(), "seconds": cv["seconds"], "total_seconds": time.perf_counter() - start,
-        "checkpoints_reused": reused,
+        "seg_epochs": settings.seg_cfg.epochs, "dice_ceiling": dice_ceiling(studies, settings.seg_size),
+        "seconds": cv["seconds"],
+        "total_seconds": time.perf_counter() - start, "checkpoints_reused": reused,
         "targets": {"cnn_overall_accuracy": 0.95, "mean_dice": 0.90}}
+    if args.unet_only:
+        result["seconds"] = {"unet3d": cv["seconds"]["unet3d"]}
+    else:
+        result.update(slice_model=settings.slice_cfg.model, slice_epochs=settings.slice_cfg.epochs,
+                      sequence_head=settings.sequence_cfg.run_name,
+                      accuracy=accuracy_table(cv["slices"]).round(4).to_dict())
     ranges = range_table(cv["ranges"])
     if args.seg_epochs != 0:
         result.update(dice_per_vertebra=dice.round(4).to_dict(), mean_dice=float(dice.mean()))

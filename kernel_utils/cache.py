@@ -42,7 +42,7 @@ from kernel_utils.windowing import (
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3  # 3: the Otsu box averages every kept slice at quarter resolution (order-free)
+CACHE_VERSION = 4  # 4: masks resized by the label at each pixel centre (nearest-exact), aligned with the images
 REQUIRED_KEYS = ("images", "z", "slice_numbers", "spacing", "original_shape", "crop_box", "meta")
 
 

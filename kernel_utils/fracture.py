@@ -242,7 +242,8 @@ def _train_fold(settings, model, inputs, targets, slice_targets, tr, va, fold, o
             load_best(first, out_dir, slice_cfg, fold)
             model.encoder.freeze_backbone()
             phases.append((f"{settings.name} (CNN on slices)", hist))
-    train_ds = FractureDataset(tr_inputs, targets[tr], augment=True, image_channels=image_channels)
+    train_ds = FractureDataset(tr_inputs, targets[tr], augment=True, image_channels=image_channels,
+                               rotate_shift=bool(settings.cfg.param("rotate_shift", True)))
     hist = fit(model, train_ds, FractureDataset(va_inputs, targets[va]), batch_loss, settings.cfg, out_dir,
                fold, progress=progress)
     load_best(model, out_dir, settings.cfg, fold)
