@@ -17,6 +17,7 @@ from kernel_utils.fracture import FractureSettings
 from kernel_utils.localisation import LocalisationSettings
 from kernel_utils.models import create_model
 from kernel_utils.training import device
+from kernel_utils.vit import ViTSettings
 
 HIDDEN_TEST_STUDIES = 1500
 KAGGLE_LIMIT_HOURS = 9.0
@@ -84,6 +85,12 @@ def main(argv: list[str] | None = None) -> dict:
     s = loc.seg_size
     rows["unet3d"] = {"model": "MONAI UNet", "input": f"1 study resampled to {s}^3 x 3 ch",
                       **time_model(create_model(loc.seg_cfg, 3), torch.rand(1, 3, s, s, s), args.repeat, train=True)}
+    vit = ViTSettings.for_profile("full")
+    p = dict(vit.cfg.params)
+    rows["vit3d"] = {"model": f"MONAI ViT, {p['hidden']} hidden, {p['layers']} layers",
+                     "input": f"1 study: 3 ch x {vit.depth} slices (7 vertebrae) x {p['size']}^2",
+                     **time_model(create_model(vit.cfg, 3), torch.rand(1, 3, vit.depth, p["size"], p["size"]),
+                                  args.repeat, train=True)}
     rows["slice_classifier"] = {"model": loc.slice_cfg.model, "input": "300 slices x 3 ch x 256^2",
                                 **time_model(create_model(loc.slice_cfg, 3), torch.rand(300, 3, 256, 256),
                                              args.repeat, train=False)}
