@@ -15,9 +15,11 @@ from kernel_utils.localisation import (
     best_possible_dice,
     dice_ce_loss,
     dice_per_vertebra,
+    drop_islands,
     localise_study,
     mask_to_cube,
     probabilities_to_grid,
+    segment,
     to_cube,
 )
 from kernel_utils.models import create_model
@@ -117,6 +119,37 @@ def test_cube_round_trip_keeps_the_vertebrae(rendered):
     assert _mean_dice(labels, labels) == 1.0
     assert best_possible_dice(rendered.labels, 32) == pytest.approx(_mean_dice(back, labels))
     assert best_possible_dice(rendered.labels, 16) < best_possible_dice(rendered.labels, 32)
+
+
+def test_drop_islands_keeps_each_vertebra_to_its_largest_piece():
+    prob = torch.full((8, 10, 10, 10), 0.05)
+    prob[0] = 0.5
+    prob[3, :4, :4, :4] = 0.9  # C3's body
+    prob[3, 7:9, 7:9, 7:9] = 0.9  # a stray island of C3
+    prob[5, :2, 6:9, :2] = 0.9  # C5, one piece
+    before = prob.clone()
+    labels = drop_islands(prob).argmax(0)
+    assert torch.equal(prob, before)  # a copy
+    assert (labels[:4, :4, :4] == 3).all() and (labels[7:9, 7:9, 7:9] == 0).all()
+    assert (labels[:2, 6:9, :2] == 5).all() and int((labels == 3).sum()) == 64
+
+
+class _LeftSideModel(torch.nn.Module):
+    """C1 logit 4 on the left half of the cube (low W), -4 on the right, whatever the image: [B, 8, D, D, D]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, d, h, w = x.shape
+        logits = torch.zeros(b, 8, d, h, w)
+        logits[:, 1] = torch.where(torch.arange(w) < w // 2, 4.0, -4.0)
+        return logits
+
+
+def test_segment_averages_the_left_right_flip():
+    images = np.zeros((8, 16, 16, 3), dtype=np.uint8)
+    plain = segment(_LeftSideModel(), images, 8, flip=False)[0]
+    assert (plain[..., :8] == 1).all() and (plain[..., 9:] != 1).all()  # column 8 blends both sides
+    flipped = segment(_LeftSideModel(), images, 8, flip=True)[0]  # C1 averages to 0.44 on both sides, the rest 0.08
+    assert (flipped == 1).all()
 
 
 def test_accuracy_table_matches_hand_count():
