@@ -22,11 +22,11 @@ import torch
 from benchmarks.common import ROOT, write_result
 from kernel_utils.cache import cache_dir
 from kernel_utils.config import get_profile
-from kernel_utils.ensemble import CALIBRATED
+from kernel_utils.ensemble import BLEND_ROWS, CALIBRATED, MEAN_ROW
 from kernel_utils.pipeline import ensure_synthetic, run
 from kernel_utils.submit import HIDDEN_TEST_STUDIES, KAGGLE_LIMIT_HOURS, ensemble_cache_spec, predict_test
 
-BLENDS = ("mean of models", "weighted blend (weights fitted out of fold)")
+BLENDS = (MEAN_ROW, *BLEND_ROWS)
 
 
 def ensemble_figures(work_dir: Path) -> dict:
@@ -35,12 +35,13 @@ def ensemble_figures(work_dir: Path) -> dict:
     meta = json.loads((work_dir / "predictions" / "ensemble.json").read_text())
     singles = table.drop(index=[i for i in table.index if i in BLENDS or i.endswith(CALIBRATED)])
     best = singles.loss_study.idxmin()
-    blend_row = BLENDS[1] if BLENDS[1] in table.index else best
+    blends = [row for row in BLEND_ROWS if row in table.index]
+    blend_row = min(blends, key=lambda row: table.loss_study[row]) if blends else best  # the better weight search
     calibrated = meta.get("calibration") is not None
     submitted = meta["choice"] + CALIBRATED if calibrated else meta["choice"]
     return {"table_loss_study": table.loss_study.to_dict(), "best_single_model": best,
             "best_single_loss_study": float(table.loss_study[best]),
-            "weighted_blend_loss_study": float(table.loss_study[blend_row]),
+            "weighted_blend": blend_row, "weighted_blend_loss_study": float(table.loss_study[blend_row]),
             "blend_over_best_single": float(table.loss_study[blend_row] / table.loss_study[best]),
             "submission_uses": meta["choice"], "calibrated": calibrated,
             "submitted_loss_study": float(table.loss_study[submitted]),

@@ -11,6 +11,8 @@ and notebook 05's comparison of them with the prior and their blend (seed 004's 
         --lr 1e-3 --tag cpu_pilot     # a shorter run that fits on 2 CPU cores (about 35 minutes)
     python -m benchmarks.fracture_quality --profile bench --forms vit --epochs 20 --folds 2 \
         --param hidden=192 --param layers=4 --param heads=4 --tag cpu_pilot_vit   # a smaller ViT for 2 CPU cores
+    ... --forms vertebra --model efficientnet_b0 --variant efficientnet_b0   # a second backbone for the blend
+    ... --ensemble-only --tag cpu_pilot_ensemble   # the comparison of the stored predictions alone
     ... --fresh-test 200    # also score the fold models on 200 new studies (a rerun resumes from the checkpoints)
 """
 
@@ -183,7 +185,8 @@ def overridden(settings: FractureSettings, args) -> FractureSettings:
     model = args.model if args.model and settings.form != "vit" else settings.cfg.model
     cfg = dataclasses.replace(settings.cfg, epochs=args.epochs or settings.cfg.epochs, lr=args.lr or settings.cfg.lr,
                               batch_size=args.batch or settings.cfg.batch_size, model=model, params=params)
-    return dataclasses.replace(settings, cfg=cfg, n_folds=args.folds or settings.n_folds)
+    variant = {"variant": args.variant} if args.variant and settings.form != "vit" else {}
+    return dataclasses.replace(settings, cfg=cfg, n_folds=args.folds or settings.n_folds, **variant)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -201,6 +204,10 @@ def main(argv: list[str] | None = None) -> dict:
                     help="weight of the per-vertebra form's per-slice auxiliary loss instead of the profile's (0: off)")
     ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                     help="a model parameter instead of the profile's, e.g. channel=2 (repeatable)")
+    ap.add_argument("--variant", default="", help="names this run's predictions apart from the form's main model, "
+                    "e.g. the backbone of a second per-vertebra model for the blend")
+    ap.add_argument("--ensemble-only", action="store_true",
+                    help="train nothing: notebook 05's comparison of the stored predictions (every form's newest run)")
     ap.add_argument("--tag", default="", help="added to the result's name, e.g. cpu_pilot")
     ap.add_argument("--fresh-test", type=int, default=0, metavar="N",
                     help="also score every form on N new studies of the profile's distribution (the test split is "
@@ -215,7 +222,9 @@ def main(argv: list[str] | None = None) -> dict:
     spec = profile_cache_spec(args.profile)
     (work_dir / "localisation").mkdir(exist_ok=True)
     start = time.perf_counter()
-    if args.localisation == "truth":
+    if args.ensemble_only:
+        pass  # the stored predictions were made on the localisation of their own runs
+    elif args.localisation == "truth":
         truth_localisation(data_dir, work_dir, spec)
     else:
         predicted_localisation(data_dir, work_dir, spec, args.profile)
@@ -229,7 +238,9 @@ def main(argv: list[str] | None = None) -> dict:
     runs_dir = work_dir / f"fracture_runs_{where}"
     fresh = fresh_test_data(args.profile, args.fresh_test, spec, args.workers) if args.fresh_test else None
     forms = {}
-    for form in args.forms.split(","):
+    summary = {"profile": args.profile, "train_studies": len(labels), "forms": forms,
+               "prior_oof_loss": prior.loc["all"].drop("studies").to_dict()}
+    for form in [] if args.ensemble_only else args.forms.split(","):
         settings = overridden(form_settings(args.profile, form), args)
         t0 = time.perf_counter()
         uids, inputs, metas = form_inputs(data_dir, work_dir, spec, settings, "train")
@@ -263,7 +274,8 @@ def main(argv: list[str] | None = None) -> dict:
         if fresh is not None:
             result["fresh_test"] = fresh_test_scores(models, settings, cv["patient_mode"], fresh, spec,
                                                      fit_prior(labels))
-        forms[form] = result
+        key = settings.name.removeprefix("cnn_lstm_") if args.variant else form
+        forms[key] = result
         write_result(name, {"forms": forms, "partial": True})
         if form == "vertebra" and len(boxes_true):
             truth_k = labels.set_index("StudyInstanceUID")
@@ -272,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
                 lambda u, t=truth_k: [k for k in range(1, 8) if t.loc[u, f"C{k}"] == 1],
                 only=set(boxes_true.StudyInstanceUID))
             result["boxes_given_fractured_vertebrae"] = score_boxes(predicted, boxes_true)
-        forms[form] = result
+        forms[key] = result
         summary = {"profile": args.profile, "localisation": args.localisation, "localisation_seconds": loc_seconds,
                    "train_studies": len(labels), "prior_oof_loss": prior.loc["all"].drop("studies").to_dict(),
                    "prior_test_loss": competition_loss(test_labels, predict_constant(fit_prior(labels),

@@ -35,6 +35,8 @@ def load_predictions(work_dir: str | os.PathLike) -> dict[str, tuple[pd.DataFram
 
 
 BLEND_ROW = "weighted blend (weights fitted out of fold)"
+SHARED_ROW = "weighted blend, one weight set for all labels (fitted out of fold)"
+BLEND_ROWS = {BLEND_ROW: False, SHARED_ROW: True}  # row: fit_weights' `shared`
 MEAN_ROW = "mean of models"
 CALIBRATED = " + calibration (fitted out of fold)"  # the chosen row's name plus this: the calibrated row
 
@@ -82,16 +84,19 @@ def simplex_grid(n_models: int, step: float = 0.1) -> np.ndarray:
     return np.array(grid, dtype=float) / ticks
 
 
-def fit_weights(y: np.ndarray, p: np.ndarray, study_weight: np.ndarray, step: float = 0.1) -> np.ndarray:
-    """Weights [8, M] per target column minimising that column's share of the per-study metric."""
+def fit_weights(y: np.ndarray, p: np.ndarray, study_weight: np.ndarray, step: float = 0.1,
+                shared: bool = False) -> np.ndarray:
+    """Weights [8, M] per target column minimising that column's share of the per-study metric; `shared`: one set
+    for every column, minimising the whole metric (M weights fitted instead of 8 M: less to overfit)."""
     grid = simplex_grid(p.shape[0], step)
-    weights = np.zeros((8, p.shape[0]))
+    losses = np.zeros((8, len(grid)))
     for j in range(8):
         w_lab = np.where(y[:, j] > 0.5, POSITIVE_WEIGHTS[j], NEGATIVE_WEIGHTS[j]) / study_weight
         blend = np.einsum("gm,mn->gn", grid, p[:, :, j])  # [G, N]
-        loss = -(y[:, j] * np.log(blend) + (1 - y[:, j]) * np.log(1 - blend)) @ w_lab
-        weights[j] = grid[int(np.argmin(loss))]
-    return weights
+        losses[j] = -(y[:, j] * np.log(blend) + (1 - y[:, j]) * np.log(1 - blend)) @ w_lab
+    if shared:
+        return np.tile(grid[int(np.argmin(losses.sum(axis=0)))], (8, 1))
+    return grid[np.argmin(losses, axis=1)]
 
 
 def blend(preds: list[pd.DataFrame], weights: np.ndarray) -> pd.DataFrame:
@@ -103,45 +108,52 @@ def blend(preds: list[pd.DataFrame], weights: np.ndarray) -> pd.DataFrame:
 
 
 def compare(labels: pd.DataFrame, oofs: dict[str, pd.DataFrame], n_folds: int = 5,
-            step: float = 0.1) -> tuple[pd.DataFrame, np.ndarray]:
-    """Seed 004's comparison table, extended: every model, their mean, and the weighted blend whose weights
-    are fitted on the other folds for each held-out fold. Returns the table and the weights fitted on all."""
+            step: float = 0.1) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """Seed 004's comparison table, extended: every model, their mean, and the weighted blends (weights per label, and
+    one set for all labels) whose weights are fitted on the other folds for each held-out fold. Returns the table and
+    each blend row's weights [8, M] fitted on all studies."""
     names = list(oofs)
     a = _aligned(labels, oofs, n_folds)
     rows = {name: a.p[i] for i, name in enumerate(names)}
+    fitted = {}
     if len(names) > 1:
-        cv_blend = np.zeros_like(a.y)
-        for k in np.unique(a.folds):
-            tr, va = a.folds != k, a.folds == k
-            cv_blend[va] = _mixed(fit_weights(a.y[tr], a.p[:, tr], a.study_weight[tr], step), a.p[:, va])
         rows[MEAN_ROW] = a.p.mean(axis=0)
-        rows[BLEND_ROW] = cv_blend
+        for row, shared in BLEND_ROWS.items():
+            cv_blend = np.zeros_like(a.y)
+            for k in np.unique(a.folds):
+                tr, va = a.folds != k, a.folds == k
+                w = fit_weights(a.y[tr], a.p[:, tr], a.study_weight[tr], step, shared)
+                cv_blend[va] = _mixed(w, a.p[:, va])
+            rows[row] = cv_blend
+            fitted[row] = fit_weights(a.y, a.p, a.study_weight, step, shared)
     table = pd.DataFrame([{"model": name, **_losses(a.truth, a.uids, arr)} for name, arr in rows.items()])
-    return table.set_index("model"), fit_weights(a.y, a.p, a.study_weight, step)
+    return table.set_index("model"), fitted
 
 
 def calibrated_out_of_fold(labels: pd.DataFrame, oofs: dict[str, pd.DataFrame], weights: np.ndarray | None,
-                           n_folds: int = 5, step: float = 0.1) -> tuple[dict[str, float], np.ndarray]:
-    """The blend with `weights` [8, M] (None: weights fitted on the other folds, as the table's blend row), calibrated
+                           n_folds: int = 5, step: float = 0.1, shared: bool = False) -> tuple[dict[str, float],
+                                                                                                np.ndarray]:
+    """The blend with `weights` [8, M] (None: weights fitted on the other folds, as the table's blend rows, one set for
+    all labels when `shared`), calibrated
     per label (`calibration.fit_calibration`) on the other folds for each held-out fold: its losses out of fold, and
     the calibration [8, 2] fitted on all studies."""
     a = _aligned(labels, oofs, n_folds)
     out = np.zeros_like(a.y)
     for k in np.unique(a.folds):
         tr, va = a.folds != k, a.folds == k
-        w = weights if weights is not None else fit_weights(a.y[tr], a.p[:, tr], a.study_weight[tr], step)
+        w = weights if weights is not None else fit_weights(a.y[tr], a.p[:, tr], a.study_weight[tr], step, shared)
         params = fit_calibration(a.y[tr], _mixed(w, a.p[:, tr]), a.study_weight[tr])
         out[va] = apply_calibration(_mixed(w, a.p[:, va]), params)
-    w = weights if weights is not None else fit_weights(a.y, a.p, a.study_weight, step)
+    w = weights if weights is not None else fit_weights(a.y, a.p, a.study_weight, step, shared)
     return _losses(a.truth, a.uids, out), fit_calibration(a.y, _mixed(w, a.p), a.study_weight)
 
 
-def chosen_weights(table: pd.DataFrame, fitted: np.ndarray, names: list[str]) -> tuple[str, np.ndarray]:
+def chosen_weights(table: pd.DataFrame, fitted: dict[str, np.ndarray], names: list[str]) -> tuple[str, np.ndarray]:
     """The row of `compare`'s table with the lowest per-study loss, as blend weights [8, M] over `names`:
-    the fitted weights for the blend, equal weights for the mean, a one-hot column for a single model."""
+    a blend row's weights fitted on all studies, equal weights for the mean, a one-hot column for a single model."""
     choice = str(table.loss_study.idxmin())
-    if choice == BLEND_ROW:
-        return choice, fitted
+    if choice in fitted:
+        return choice, fitted[choice]
     if choice == MEAN_ROW:
         return choice, np.full((8, len(names)), 1 / len(names))
     return choice, np.array([[float(n == choice) for n in names]] * 8)
@@ -173,7 +185,9 @@ def ensemble_with_prior(labels: pd.DataFrame, models: dict[str, tuple[pd.DataFra
     oofs = {n: oof for n, (oof, _) in models.items()}
     table, fitted = compare(labels, oofs, n_folds)
     choice, weights = chosen_weights(table, fitted, names)
-    losses, calibration = calibrated_out_of_fold(labels, oofs, None if choice == BLEND_ROW else weights, n_folds)
+    refit = choice in BLEND_ROWS  # calibrate the blend as its row was scored: weights fitted on the other folds
+    losses, calibration = calibrated_out_of_fold(labels, oofs, None if refit else weights, n_folds,
+                                                 shared=BLEND_ROWS.get(choice, False))
     table.loc[choice + CALIBRATED] = losses
     test = blend([models[n][1] for n in names], weights)
     if losses["loss_study"] < table.loc[choice, "loss_study"]:

@@ -46,18 +46,22 @@ FORMS = ("vertebra", "study")
 
 @dataclass(frozen=True)
 class FractureSettings:
-    """One fracture model: its form, training config and input sizes (in `cfg.params`)."""
+    """One fracture model: its form, training config and input sizes (in `cfg.params`). `variant` tells apart
+    several models of one form (another backbone for the blend): it names their predictions, the weights files are
+    named by `cfg.run_name` anyway."""
 
     form: str
     cfg: TrainConfig
     n_folds: int
+    variant: str = ""
 
     @property
     def name(self) -> str:
-        return f"cnn_lstm_{self.form}"
+        return f"cnn_lstm_{self.form}" + (f"_{self.variant}" if self.variant else "")
 
     @staticmethod
-    def for_profile(profile: str, form: str, model: str = "", pretrained_path: str = "") -> FractureSettings:
+    def for_profile(profile: str, form: str, model: str = "", pretrained_path: str = "",
+                    variant: str = "") -> FractureSettings:
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         # folds, epochs, steps cap, batch, vertebra slices, crop, study slices, study size
@@ -86,7 +90,7 @@ class FractureSettings:
         cfg = TrainConfig(stage=f"cnn_lstm_{form}", model=model or default, epochs=epochs, batch_size=batch,
                           lr=1e-3 if form == "vertebra" else 2e-4, patience=4, max_steps_per_epoch=steps,
                           pretrained_path=pretrained_path, params=params)
-        return FractureSettings(form, cfg, folds)
+        return FractureSettings(form, cfg, folds, variant)
 
 
 def build_inputs(data_dir: str | os.PathLike, work_dir: str | os.PathLike, spec: CacheSpec,
@@ -341,6 +345,7 @@ def save_predictions(work_dir: str | os.PathLike, settings: FractureSettings, oo
         df.to_csv(tmp, index=False)
         os.replace(tmp, folder / f"{settings.name}_{suffix}.csv")
     (folder / f"{settings.name}.json").write_text(json.dumps(
-        {"form": settings.form, "run_name": settings.cfg.run_name, "config": settings.cfg.to_json(),
+        {"form": settings.form, "variant": getattr(settings, "variant", ""), "run_name": settings.cfg.run_name,
+         "config": settings.cfg.to_json(),
          "n_folds": settings.n_folds, **meta}, indent=1, default=str))
     return folder

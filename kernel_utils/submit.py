@@ -65,7 +65,7 @@ def _model_settings(meta: dict):
     cfg = TrainConfig.from_json(meta["config"])
     if meta["form"] == "vit":
         return ViTSettings(cfg, meta["n_folds"])
-    return FractureSettings(meta["form"], cfg, meta["n_folds"])
+    return FractureSettings(meta["form"], cfg, meta["n_folds"], meta.get("variant", ""))
 
 
 def predict_test(data_dir: str | os.PathLike, work_dir: str | os.PathLike, out_path: str | os.PathLike | None = None,

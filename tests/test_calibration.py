@@ -63,3 +63,17 @@ def test_ensemble_calibrates_a_squashed_model_and_its_test_predictions():
         ens.calibration)
     assert np.allclose(ens.test[TARGETS].to_numpy(), expected)
     assert ens.test[TARGETS].to_numpy()[test[TARGETS].to_numpy() > 0.5].mean() > 0.8
+
+
+def test_perfectly_separated_column_is_sharpened_a_finite_amount():
+    """Out-of-fold predictions that separate a label's classes perfectly have no finite unpenalised optimum; the
+    prior on the stretch keeps 1 / T moderate, and a held-out prediction on the wrong side is not made certain."""
+    rng = np.random.default_rng(3)
+    y = (rng.random((300, 8)) < 0.3).astype(float)
+    p = _sigmoid(np.where(y > 0.5, 1.0, -1.0) * rng.uniform(0.5, 3.0, y.shape))  # every positive above every negative
+    from kernel_utils.metric import NEGATIVE_WEIGHTS, POSITIVE_WEIGHTS
+
+    params = fit_calibration(y, p, np.where(y > 0.5, POSITIVE_WEIGHTS, NEGATIVE_WEIGHTS).sum(axis=1))
+    assert (params[:, 0] > 1).all() and (params[:, 0] < 10).all()  # unpenalised: about 20, growing
+    wrong_side = apply_calibration(np.full((1, 8), _sigmoid(-1.0)), params)  # a positive the model scored at 0.27
+    assert (wrong_side > 1e-4).all()

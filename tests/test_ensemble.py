@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from kernel_utils.ensemble import blend, compare, fit_weights, simplex_grid
+from kernel_utils.ensemble import BLEND_ROW, BLEND_ROWS, SHARED_ROW, blend, compare, fit_weights, simplex_grid
 from kernel_utils.metric import TARGETS
 
 
@@ -34,10 +34,12 @@ def test_weight_search_recovers_the_better_model():
 def test_comparison_table_and_blend():
     labels, good, noise = _constructed()
     table, weights = compare(labels, {"noise": noise, "good": good}, n_folds=4)
-    assert set(table.index) == {"noise", "good", "mean of models", "weighted blend (weights fitted out of fold)"}
+    assert set(table.index) == {"noise", "good", "mean of models", *BLEND_ROWS}
     assert table.loss_study["good"] < table.loss_study["mean of models"] < table.loss_study["noise"]
-    assert table.loss_study["weighted blend (weights fitted out of fold)"] <= table.loss_study["good"] + 0.01
-    mixed = blend([noise, good], weights)
+    for row in BLEND_ROWS:
+        assert table.loss_study[row] <= table.loss_study["good"] + 0.01
+    assert (weights[SHARED_ROW] == weights[SHARED_ROW][0]).all()  # one set, every label
+    mixed = blend([noise, good], weights[BLEND_ROW])
     assert list(mixed.StudyInstanceUID) == list(good.StudyInstanceUID)
     assert np.allclose(mixed[TARGETS].to_numpy(), good[TARGETS].to_numpy(), atol=0.2)
 
@@ -45,14 +47,18 @@ def test_comparison_table_and_blend():
 def test_chosen_weights_follow_the_best_row():
     from kernel_utils.ensemble import chosen_weights
 
-    fitted = np.tile([0.3, 0.7], (8, 1))
-    table = pd.DataFrame({"loss_study": [0.5, 0.4, 0.45, 0.42]},
-                         index=["a", "b", "mean of models", "weighted blend (weights fitted out of fold)"])
+    per_label = np.tile([0.3, 0.7], (8, 1))
+    per_label[0] = [0.9, 0.1]
+    fitted = {BLEND_ROW: per_label, SHARED_ROW: np.tile([0.4, 0.6], (8, 1))}
+    table = pd.DataFrame({"loss_study": [0.5, 0.4, 0.45, 0.42, 0.43]},
+                         index=["a", "b", "mean of models", BLEND_ROW, SHARED_ROW])
     choice, w = chosen_weights(table, fitted, ["a", "b"])
     assert choice == "b" and (w == [0.0, 1.0]).all()
-    choice, w = chosen_weights(table.assign(loss_study=[0.5, 0.6, 0.45, 0.3]), fitted, ["a", "b"])
-    assert choice.startswith("weighted") and np.array_equal(w, fitted)
-    choice, w = chosen_weights(table.assign(loss_study=[0.5, 0.6, 0.2, 0.3]), fitted, ["a", "b"])
+    choice, w = chosen_weights(table.assign(loss_study=[0.5, 0.6, 0.45, 0.3, 0.31]), fitted, ["a", "b"])
+    assert choice == BLEND_ROW and np.array_equal(w, per_label)
+    choice, w = chosen_weights(table.assign(loss_study=[0.5, 0.6, 0.45, 0.3, 0.29]), fitted, ["a", "b"])
+    assert choice == SHARED_ROW and np.allclose(w, [0.4, 0.6])
+    choice, w = chosen_weights(table.assign(loss_study=[0.5, 0.6, 0.2, 0.3, 0.3]), fitted, ["a", "b"])
     assert choice == "mean of models" and np.allclose(w, 0.5)
 
 
@@ -104,3 +110,31 @@ def test_stage_timing_splits_data_from_model_time(monkeypatch):
     assert table.loc["localise"].tolist() == [2.0, 1.0, 3.0]
     assert table.loc["vit"].tolist() == [1.0, 3.0, 4.0]
     assert timing.data_share() == (6 + 6 + 3) / (6 + 9 + 12)
+
+
+def test_two_equal_models_with_independent_errors_blend_below_both():
+    """Averaging two models whose errors are independent lowers the loss: both weight searches find about half
+    and half, and out of fold both blends score below either model."""
+    labels, _, _ = _constructed(n=600, seed=1)
+    y = labels[TARGETS].to_numpy(float)
+    rng = np.random.default_rng(2)
+    logit = lambda: np.where(y > 0.5, 1.0, -1.0) + rng.normal(0, 1.2, y.shape)  # noqa: E731
+    uids = labels.StudyInstanceUID
+    a, b = (pd.DataFrame(1 / (1 + np.exp(-logit())), columns=TARGETS).assign(StudyInstanceUID=uids) for _ in "ab")
+    table, fitted = compare(labels, {"a": a, "b": b}, n_folds=5)
+    for row in BLEND_ROWS:
+        assert table.loss_study[row] < min(table.loss_study["a"], table.loss_study["b"]), row
+    assert 0.3 <= fitted[SHARED_ROW][0, 0] <= 0.7
+
+
+def test_per_label_weights_follow_each_label_shared_weights_cannot():
+    labels, good, noise = _constructed()
+    y = labels[TARGETS].to_numpy(float)
+    first = good[TARGETS].to_numpy().copy()
+    second = noise[TARGETS].to_numpy().copy()
+    first[:, 4:], second[:, 4:] = second[:, 4:], good[TARGETS].to_numpy()[:, 4:]  # each good on its own labels
+    p = np.stack([first, second])
+    sw = np.where(y > 0.5, [2] * 7 + [14], [1] * 7 + [7]).sum(axis=1)
+    per_label, shared = fit_weights(y, p, sw), fit_weights(y, p, sw, shared=True)
+    assert (per_label[:4, 0] >= 0.9).all() and (per_label[4:, 1] >= 0.9).all()
+    assert np.allclose(shared, shared[0]) and 0 < shared[0, 0] < 1

@@ -9,6 +9,7 @@ import pandas as pd
 import papermill as pm
 import pytest
 
+EXTRA_BACKBONE = "resnet10t"  # a second per-vertebra model, beside the smoke profile's EfficientNetV2
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
@@ -28,7 +29,8 @@ def executed(smoke_dir, work_dir) -> dict[str, Exception | None]:
     for notebook in NOTEBOOKS:
         try:
             pm.execute_notebook(str(notebook), str(work_dir / "executed" / notebook.name), parameters={
-                "DATA_DIR": str(smoke_dir), "WORK_DIR": str(work_dir), "PROFILE": "smoke"},
+                "DATA_DIR": str(smoke_dir), "WORK_DIR": str(work_dir), "PROFILE": "smoke",
+                "EXTRA_VERTEBRA_MODELS": EXTRA_BACKBONE},  # 03's only; the others ignore it
                 cwd=str(notebook.parent), progress_bar=False, kernel_name="python3")
             results[notebook.name] = None
         except Exception as e:  # reported by that notebook's own test
@@ -56,6 +58,16 @@ def test_notebook_runs_on_smoke_data(notebook, executed, work_dir):
     if notebook.name.startswith("01_"):
         assert (work_dir / "preprocess_summary.csv").exists()
         assert len(list((work_dir / "cache").glob("*/*.npz"))) == 16
+    if notebook.name.startswith("03_"):  # the extra backbone is a model of its own, beside the form's main one
+        predictions = work_dir / "predictions"
+        main = json.loads((predictions / "cnn_lstm_vertebra.json").read_text())
+        extra = json.loads((predictions / f"cnn_lstm_vertebra_{EXTRA_BACKBONE}.json").read_text())
+        assert (main["variant"], extra["variant"]) == ("", EXTRA_BACKBONE)
+        assert extra["config"]["model"] == EXTRA_BACKBONE != main["config"]["model"]
+        assert extra["run_name"] != main["run_name"]
+    if notebook.name.startswith("05_"):
+        models = json.loads((work_dir / "predictions" / "ensemble.json").read_text())["models"]
+        assert {"cnn_lstm_vertebra", f"cnn_lstm_vertebra_{EXTRA_BACKBONE}", "vit3d", "prior"} <= set(models)
 
 
 def test_kaggle_bundle_runs_alone(executed, work_dir, smoke_dir, tmp_path):
@@ -83,6 +95,7 @@ def test_kaggle_bundle_runs_alone(executed, work_dir, smoke_dir, tmp_path):
                         progress_bar=False, kernel_name="python3")
     validate_submission(kernel_work / "submission.csv", smoke_dir / "test.csv")
     timing = json.loads((kernel_work / "predictions" / "inference_timing.json").read_text())
-    assert {"load_and_window", "localise", "vit3d"} <= set(timing["per_study_seconds"])
+    assert {"load_and_window", "localise", "vit3d", f"cnn_lstm_vertebra_{EXTRA_BACKBONE}"} <= \
+        set(timing["per_study_seconds"])
     assert 0 < timing["data_share"] < 1
     assert len(pd.read_csv(kernel_work / "submission.csv")) == len(pd.read_csv(smoke_dir / "test.csv"))
