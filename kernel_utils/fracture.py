@@ -93,6 +93,31 @@ class FractureSettings:
         return FractureSettings(form, cfg, folds, variant)
 
 
+def _names(csv: str) -> list[str]:
+    return [item.strip() for item in csv.split(",") if item.strip()]
+
+
+def planned_runs(profile: str, forms: str, models: dict[str, str], pretrained: dict[str, str],
+                 extra_vertebra_models: str = "", extra_pretrained: str = "") -> list[tuple[str, FractureSettings]]:
+    """Notebook 03's models, as (key, settings): each form of the comma-separated `forms` with its backbone and weights
+    file (`models`, `pretrained`: form -> timm name, path; empty: the profile's, random initialisation), keyed by form,
+    then each extra per-vertebra backbone (comma-separated), keyed by its prediction name, with the weights file at the
+    same place in `extra_pretrained` (empty: random initialisation for all)."""
+    chosen = _names(forms)
+    extra, weights = _names(extra_vertebra_models), _names(extra_pretrained)
+    if weights and len(weights) != len(extra):
+        raise ValueError(f"{len(weights)} extra weights files for {len(extra)} extra backbones: give one per backbone "
+                         f"({extra_pretrained!r} for {extra_vertebra_models!r})")
+    if extra and "vertebra" not in chosen:
+        raise ValueError(f"extra per-vertebra backbones {extra} given, but the forms {chosen} leave out 'vertebra'")
+    runs = [(form, FractureSettings.for_profile(profile, form, models.get(form, ""), pretrained.get(form, "")))
+            for form in chosen]
+    for i, model in enumerate(extra):
+        settings = FractureSettings.for_profile(profile, "vertebra", model, weights[i] if weights else "", model)
+        runs.append((settings.name, settings))
+    return runs
+
+
 def build_inputs(data_dir: str | os.PathLike, work_dir: str | os.PathLike, spec: CacheSpec,
                  settings: FractureSettings, split: str) -> tuple[list[str], list[np.ndarray], list[dict]]:
     """(uids, inputs, metas) of every readable study of a split; per-vertebra inputs use notebook 02's

@@ -326,3 +326,22 @@ def test_box_scoring():
     assert iou((15, 10, 10, 10), (10, 10, 10, 10)) == pytest.approx(1 / 3)
     scores = score_boxes(pred, truth)
     assert scores["hit_share"] == 0.5 and scores["mean_iou_of_hits"] == pytest.approx(1 / 3)
+
+
+def test_planned_runs_key_extra_backbones_by_their_predictions():
+    import pytest
+
+    from kernel_utils.fracture import planned_runs
+
+    runs = planned_runs("smoke", "vertebra, study", {"vertebra": "", "study": "resnet10t"}, {}, "resnet10t,resnet14t",
+                        "a.pt,b.pt")
+    assert [key for key, _ in runs] == ["vertebra", "study", "cnn_lstm_vertebra_resnet10t",
+                                        "cnn_lstm_vertebra_resnet14t"]
+    main, study, first, second = (s for _, s in runs)
+    assert (main.variant, main.name, study.cfg.model) == ("", "cnn_lstm_vertebra", "resnet10t")
+    assert (second.form, second.cfg.model, second.cfg.pretrained_path) == ("vertebra", "resnet14t", "b.pt")
+    assert first.cfg.run_name != main.cfg.run_name
+    with pytest.raises(ValueError, match="1 extra weights files for 2 extra backbones"):
+        planned_runs("smoke", "vertebra", {}, {}, "resnet10t,resnet14t", "a.pt")
+    with pytest.raises(ValueError, match="leave out 'vertebra'"):
+        planned_runs("smoke", "study", {}, {}, "resnet10t")
