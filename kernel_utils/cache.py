@@ -19,9 +19,11 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import time
 import zipfile
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +32,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from kernel_utils.dicom_io import SliceHeader, in_head_first_order, list_slices, scan_study
-from kernel_utils.nifti_align import load_segmentation
+from kernel_utils.nifti_align import align_segmentation
 from kernel_utils.windowing import (
     OTSU_STEP,
     SEED002_WINDOWS,
@@ -144,7 +146,7 @@ def window_study(study_dir: str | os.PathLike, spec: CacheSpec, segmentation_pat
         else:
             windower(raw, side, side, out=state["images"][k], rescale=header.rescale, bone_thumb=state["thumbs"][k])
 
-    info = scan_study(study_dir, on_slice, decoder, files)
+    info = scan_study(study_dir, on_slice, decoder, files, on_restart=state.clear)
     bone_total = np.zeros(state["thumbs"].shape[1:], dtype=np.uint32)
     for k in info.order:  # kept slices only, as otsu_crop_box sees them on the HU volume
         bone_total += state["thumbs"][k]
@@ -163,16 +165,32 @@ def window_study(study_dir: str | os.PathLike, spec: CacheSpec, segmentation_pat
         "spacing": np.array([dz, dy * (y1 - y0) / out_h, dx * (x1 - x0) / out_w]),
         "original_shape": np.array(info.shape), "crop_box": np.array(box), "xy": info.xy,
     }
-    has_mask = segmentation_path is not None and Path(segmentation_path).exists()
-    if has_mask:
-        mask = load_segmentation(segmentation_path, info)[:, y0:y1, x0:x1]
+    warnings = list(info.warnings)
+    mask = _aligned_mask(segmentation_path, info, warnings)
+    if mask is not None:
+        mask = mask[:, y0:y1, x0:x1]
         arrays["mask"] = resize_slices(mask, out_h, nearest=True) if side else mask
     meta = {"uid": info.uid, "transfer_syntax": info.transfer_syntax, "n_files": info.n_files,
-            "duplicates_dropped": info.duplicates_dropped, "reversed": info.reversed, "decoder": info.decoder,
-            "n_slices": len(info.order), "rows": info.rows, "cols": info.cols, "has_mask": has_mask,
-            "warnings": "; ".join(info.warnings)}
+            "duplicates_dropped": info.duplicates_dropped, "unreadable": info.unreadable, "ignored": info.ignored,
+            "reversed": info.reversed, "decoder": info.decoder, "n_slices": len(info.order), "rows": info.rows,
+            "cols": info.cols, "has_mask": mask is not None, "warnings": "; ".join(warnings)}
     arrays["meta"] = np.array(json.dumps(meta))
     return arrays
+
+
+def _aligned_mask(segmentation_path, info, warnings: list[str]) -> np.ndarray | None:
+    """The study's segmentation on its grid, or None (no file, or one that does not fit: the images are kept)."""
+    if segmentation_path is None or not Path(segmentation_path).exists():
+        return None
+    try:
+        mask, note = align_segmentation(segmentation_path, info)
+    except Exception as e:  # a mask that does not fit, or a file nibabel cannot read: the images stay usable
+        note = f"{segmentation_path}: not used, the study is kept without a mask ({type(e).__name__}: {e})"
+        mask = None
+    if note:
+        log.warning(note)
+        warnings.append(note)
+    return mask
 
 
 def _libdeflate_crc32():
@@ -266,6 +284,17 @@ def write_entry(path: Path, arrays: dict[str, np.ndarray], compress: bool = Fals
             tmp.unlink()
 
 
+def is_verified(path: Path) -> bool:
+    """An entry that was fully written and whose every member passes its CRC check (a flipped bit fails)."""
+    if not is_complete(path):
+        return False
+    try:
+        with fast_zip_crc(), zipfile.ZipFile(path) as z:
+            return z.testzip() is None
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+        return False
+
+
 def is_complete(path: Path) -> bool:
     """Cheap check that an entry was fully written: its zip directory reads and every key is there."""
     try:
@@ -302,21 +331,26 @@ def entry_meta(path: Path) -> dict:
 
 
 def build_entry(study_dir: Path, spec: CacheSpec, folder: Path, segmentation_path: Path | None = None,
-                force: bool = False) -> dict:
-    """Build (or skip, when complete) the entry of one study; returns a summary row, never raises."""
+                force: bool = False, verify: bool = True, decoder: str = "auto") -> dict:
+    """Build (or skip, when complete) the entry of one study; returns a summary row, never raises.
+
+    An existing entry counts as cached when its zip directory has every key and, with `verify`, every member
+    passes its CRC check (a read of the whole file); otherwise it is rebuilt.
+    """
     uid = study_dir.name
     path = folder / f"{uid}.npz"
     start = time.perf_counter()
     row = {"StudyInstanceUID": uid, "path": str(path)}
-    if not force and path.exists() and is_complete(path):
+    if not force and path.exists() and (is_verified(path) if verify else is_complete(path)):
         try:
             return {**row, **entry_meta(path), "status": "cached", "seconds": time.perf_counter() - start}
         except Exception:  # unreadable metadata: rebuild below
             pass
     if path.exists():
+        log.warning("%s: cache entry %s incomplete or corrupt; rebuilding", uid, path)
         path.unlink()
     try:
-        arrays = window_study(study_dir, spec, segmentation_path, reuse_buffer=True)
+        arrays = window_study(study_dir, spec, segmentation_path, decoder=decoder, reuse_buffer=True)
         write_entry(path, arrays, spec.compress)
         meta = json.loads(str(arrays["meta"]))
         return {**row, **meta, "status": "built", "seconds": time.perf_counter() - start}
@@ -361,19 +395,60 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
 
 
 def _worker_init() -> None:
-    """Large malloc thresholds: the per-slice temporaries otherwise page-fault (see ../shared/MEASURED.md)."""
+    """Large malloc thresholds (the per-slice temporaries otherwise page-fault, see ../shared/MEASURED.md), and a
+    SIGTERM when the parent dies, so a killed run leaves no worker behind (Linux)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 64 * 1024 * 1024)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 256 * 1024 * 1024)  # M_TRIM_THRESHOLD
-    except OSError:
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
         pass
+
+
+ORPHAN_AGE_S = 300.0  # a temp file untouched this long, of a process that is gone, is a killed write
+
+
+def remove_orphan_temps(folder: Path, age_s: float = ORPHAN_AGE_S) -> list[Path]:
+    """Delete the `.<name>.<pid>.tmp` files that killed writes left in `folder` (the pid no longer runs here, and
+    the file has not changed for `age_s`, so a live writer on another machine sharing the folder is spared)."""
+    removed = []
+    now = time.time()
+    for tmp in folder.glob(".*.tmp"):
+        try:
+            pid = int(tmp.name.rsplit(".", 2)[-2])
+        except ValueError:
+            continue
+        try:
+            if _pid_alive(pid) or now - tmp.stat().st_mtime < age_s:
+                continue
+            tmp.unlink()
+            removed.append(tmp)
+        except FileNotFoundError:
+            continue
+    if removed:
+        log.warning("%s: removed %d temp files of killed writes", folder, len(removed))
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def build_cache(data_dir: str | os.PathLike, work_dir: str | os.PathLike, split: str = "train",
                 spec: CacheSpec = CacheSpec(), workers: int = 2, shard: str | None = None,
-                uids: list[str] | None = None, progress: bool = True) -> pd.DataFrame:
+                uids: list[str] | None = None, progress: bool = True, verify: bool = True) -> pd.DataFrame:
     """Preprocess every study of `data_dir/<split>_images` (or `uids`) into the cache.
+
+    With several workers, a native reader that crashes a worker process cannot end the run: the studies the
+    broken pool did not finish are read again one process each with pydicom alone, and a study whose process
+    still dies gets a failed row. `verify`: CRC-check existing entries before counting them as cached.
 
     Returns:
         One row per study: StudyInstanceUID, status (built, cached or failed), error, n_files, n_slices,
@@ -388,13 +463,12 @@ def build_cache(data_dir: str | os.PathLike, work_dir: str | os.PathLike, split:
     k, n = parse_shard(shard)
     todo = [u for i, u in enumerate(all_uids) if i % n == k - 1]
     folder = cache_dir(work_dir, spec)
+    remove_orphan_temps(folder)
     seg_dir = Path(data_dir) / "segmentations"
-    jobs = [(images_dir / u, spec, folder, seg_dir / f"{u}.nii") for u in todo]
+    jobs = [(images_dir / u, spec, folder, seg_dir / f"{u}.nii", False, verify) for u in todo]
     bar = dict(total=len(jobs), desc=f"cache {split}", disable=not progress, unit="study")
     if workers > 1 and len(jobs) > 1:
-        ctx = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
-            rows = list(tqdm(pool.map(_build_job, jobs), **bar))
+        rows = _build_in_pool(jobs, workers, bar)
     else:
         rows = [_build_job(j) for j in tqdm(jobs, **bar)]
     return pd.DataFrame(rows)
@@ -402,6 +476,40 @@ def build_cache(data_dir: str | os.PathLike, work_dir: str | os.PathLike, split:
 
 def _build_job(job: tuple) -> dict:
     return build_entry(*job)
+
+
+def _build_in_pool(jobs: list[tuple], workers: int, bar: dict) -> list[dict]:
+    """Rows of `jobs` in order, built by `workers` forked processes; see `build_cache` for a crashed worker."""
+    ctx = multiprocessing.get_context("fork")
+    rows: list[dict | None] = [None] * len(jobs)
+    with tqdm(**bar) as progress:
+        try:
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
+                futures = {pool.submit(_build_job, job): i for i, job in enumerate(jobs)}
+                for future in as_completed(futures):
+                    rows[futures[future]] = future.result()
+                    progress.update()
+        except BrokenProcessPool:
+            left = [i for i, r in enumerate(rows) if r is None]
+            log.warning("a preprocessing worker died (a native reader crashed on a file); %d unfinished studies "
+                        "are read again one process each, with pydicom alone", len(left))
+            for i in left:
+                rows[i] = _build_isolated(jobs[i], ctx)
+                progress.update()
+    return rows  # type: ignore[return-value]
+
+
+def _build_isolated(job: tuple, ctx) -> dict:
+    """One study in a process of its own with decoder="pydicom": a crash there fails this study alone."""
+    study_dir, spec, folder, seg, force, verify = job
+    try:
+        with ProcessPoolExecutor(1, mp_context=ctx, initializer=_worker_init) as pool:
+            return pool.submit(build_entry, study_dir, spec, folder, seg, force, verify, "pydicom").result()
+    except BrokenProcessPool:
+        error = "the reading process crashed on this study, with dicomsdl and with pydicom"
+        log.warning("%s: %s", study_dir.name, error)
+        return {"StudyInstanceUID": study_dir.name, "path": str(folder / f"{study_dir.name}.npz"),
+                "status": "failed", "error": error, "seconds": 0.0}
 
 
 def profile_cache_spec(profile_name: str) -> CacheSpec:
@@ -430,6 +538,8 @@ def iter_cached(data_dir: str | os.PathLike, work_dir: str | os.PathLike, spec: 
             except Exception as e:
                 log.warning("%s: skipped (%s)", study_dir.name, e)
                 continue
+            if only_masked and "mask" not in entry:  # its segmentation did not fit (logged when the entry was built)
+                continue
             yield split, study_dir.name, entry
 
 
@@ -443,9 +553,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compress", action="store_true")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--shard", default=None, help="k/n: process every n-th study starting at the k-th")
+    ap.add_argument("--no-verify", action="store_true", help="count complete entries as cached without a CRC check")
     args = ap.parse_args(argv)
     spec = CacheSpec(image_size=args.image_size or None, crop=args.crop, compress=args.compress)
-    summary = build_cache(args.data_dir, args.work_dir, args.split, spec, args.workers, args.shard)
+    summary = build_cache(args.data_dir, args.work_dir, args.split, spec, args.workers, args.shard,
+                          verify=not args.no_verify)
     print(summary.status.value_counts().to_string())
     print(f"cache: {cache_dir(args.work_dir, spec)}")
 

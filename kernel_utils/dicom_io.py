@@ -8,6 +8,10 @@ pydicom's own decoders (gdcm, pylibjpeg): a missing optional decoder never stops
 
 `scan_study` reads a study once and hands every slice's stored values to a callback: `load_study` turns them
 into an HU volume, the cache windows them as they come (no HU volume at all).
+
+One bad file does not lose a study: a file that cannot be read (cut, no ImagePositionPatient, another size than
+the rest of the series) is dropped with a warning naming it, and a stray file not named `<slice number>.dcm`
+(a macOS `._1.dcm`) is ignored; the study fails only when fewer than half of its files can be read.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +28,30 @@ import numpy as np
 import pydicom
 from pydicom.encaps import generate_frames
 
+from kernel_utils.dicom_guard import UNDEFINED_LENGTH, checked_pixel_length
+
 log = logging.getLogger(__name__)
 
 DECODERS = ("auto", "dicomsdl", "imagecodecs", "pydicom")
 Z_DUPLICATE_TOLERANCE_MM = 1e-3
+MIN_READABLE_SHARE = 0.5  # a study whose readable files are fewer than this share of its files fails
+LISTED_PROBLEMS = 5  # unreadable files named one by one in a study's warnings; the rest are counted
 
 
 class DicomReadError(RuntimeError):
     """A DICOM file that cannot be read or decoded; the message names the file and the reason."""
+
+
+class SliceSizeMismatch(DicomReadError):
+    """A file whose slice size differs from the series'; `shape` is its (rows, columns)."""
+
+    def __init__(self, message: str, shape: tuple[int, int]):
+        super().__init__(message)
+        self.shape = shape
+
+
+class _NotForNativeReader(Exception):
+    """A file the native reader must not be given (cut, or less Pixel Data than its size): pydicom reads it."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +110,8 @@ class SeriesInfo:
         transfer_syntax: the transfer syntax UID of the files.
         n_files: how many files were read.
         duplicates_dropped: files dropped because their z position was already present.
+        unreadable: files dropped because they could not be read (each named in `warnings`).
+        ignored: files in the folder not named `<slice number>.dcm`, left out.
         reversed: the file order ran feet to head (z increasing with slice number).
         decoder: which decoder produced the pixels.
     """
@@ -105,6 +128,8 @@ class SeriesInfo:
     transfer_syntax: str = ""
     n_files: int = 0
     duplicates_dropped: int = 0
+    unreadable: int = 0
+    ignored: int = 0
     reversed: bool = False
     decoder: str = ""
     warnings: list[str] = field(default_factory=list)
@@ -129,14 +154,20 @@ def _slice_number(path: Path) -> int:
         raise DicomReadError(f"{path}: file name is not a slice number") from e
 
 
+def not_slice_files(study_dir: str | os.PathLike) -> list[Path]:
+    """The .dcm files of a study folder not named `<slice number>.dcm` (a macOS `._1.dcm`, a copy `1 (2).dcm`)."""
+    return sorted(p for p in Path(study_dir).glob("*.dcm") if not p.stem.isdigit())
+
+
 def list_slices(study_dir: str | os.PathLike) -> list[Path]:
-    """The .dcm files of a study folder, in slice-number order (the order is only a tie-break)."""
+    """The `<slice number>.dcm` files of a study folder, in slice-number order (the order is only a tie-break);
+    other .dcm files are left out with a warning."""
     folder = Path(study_dir)
     if not folder.is_dir():
         raise DicomReadError(f"{folder}: study folder not found")
-    files = sorted(folder.glob("*.dcm"), key=_slice_number)
+    files = sorted((p for p in folder.glob("*.dcm") if p.stem.isdigit()), key=_slice_number)
     if not files:
-        raise DicomReadError(f"{folder}: no .dcm files")
+        raise DicomReadError(f"{folder}: no <slice number>.dcm files")
     return files
 
 
@@ -202,19 +233,20 @@ def _to_hu(raw: np.ndarray, signed: bool, bits: int, slope: float, intercept: fl
 
 
 class _SliceBuffer:
-    """One reusable int16 [H, W] buffer that every file of a study decodes into; the first file fixes the size."""
+    """One reusable int16 [H, W] buffer that every file of a study decodes into; `shape`, or else the first file,
+    fixes the size."""
 
-    def __init__(self):
-        self.buf: np.ndarray | None = None
-        self.first = ""
+    def __init__(self, shape: tuple[int, int] | None = None):
+        self.buf: np.ndarray | None = None if shape is None else np.empty(shape, dtype=np.int16)
+        self.first = "the series" if shape else ""
 
     def get(self, rows: int, cols: int, path: Path) -> np.ndarray:
         if self.buf is None:
             self.buf = np.empty((rows, cols), dtype=np.int16)
-            self.first = path.name
+            self.first = f"file {path.name}"
         elif (rows, cols) != self.buf.shape:
-            raise DicomReadError(f"{path}: {rows}x{cols} pixels, the study's file {self.first} has "
-                                 f"{self.buf.shape[0]}x{self.buf.shape[1]}")
+            raise SliceSizeMismatch(f"{path}: {rows}x{cols} pixels, {self.first} has "
+                                    f"{self.buf.shape[0]}x{self.buf.shape[1]}", (rows, cols))
         return self.buf
 
 
@@ -233,13 +265,19 @@ def _spacing(value) -> tuple[float, float]:
 
 def _read_dicomsdl(sdl, path: Path, buffer: _SliceBuffer, decoder: str) -> SliceHeader:
     """Header and pixels of one file with dicomsdl (about 4x pydicom's speed); JPEG Lossless frames go to
-    imagecodecs when it is installed (about 1.4x dicomsdl's own decoder here), pixels straight into the buffer."""
+    imagecodecs when it is installed (about 1.4x dicomsdl's own decoder here), pixels straight into the buffer.
+    A file that is not whole (`dicom_guard`) never reaches dicomsdl, which would crash the process on it."""
+    length = checked_pixel_length(path)
+    if length is None:
+        raise _NotForNativeReader(f"{path}: Pixel Data not whole (or not found) for dicomsdl")
     d = sdl.open(str(path))
     info = d.getPixelDataInfo()
     if info["BitsAllocated"] != 16 or info["SamplesPerPixel"] != 1:
         raise DicomReadError(f"{path}: only 16-bit single-sample CT is supported "
                              f"(BitsAllocated {info['BitsAllocated']}, SamplesPerPixel {info['SamplesPerPixel']})")
     rows, cols = int(info["Rows"]), int(info["Cols"])
+    if length != UNDEFINED_LENGTH and length < 2 * rows * cols:
+        raise _NotForNativeReader(f"{path}: Pixel Data holds {length} bytes, {2 * rows * cols} expected")
     signed = bool(info["PixelRepresentation"])
     buf = buffer.get(rows, cols, path)
     # one getValues call: attribute access costs about 10 us a tag through dicomsdl's Python wrapper
@@ -315,22 +353,29 @@ def _read_file(path: Path, buffer: _SliceBuffer, sdl, decoder: str) -> SliceHead
 
 
 def scan_study(study_dir: str | os.PathLike, on_slice: Callable[[int, np.ndarray, SliceHeader], None],
-               decoder: str = "auto", files: list[Path] | None = None) -> SeriesInfo:
+               decoder: str = "auto", files: list[Path] | None = None,
+               on_restart: Callable[[], None] | None = None) -> SeriesInfo:
     """Read every file of a study once, in file order, handing each slice's stored pixels to `on_slice`.
 
     The loader of this module and the cache's streaming windower are both built on it, so they agree on
-    decoders, ordering, duplicates and errors.
+    decoders, ordering, duplicates and errors. A file that cannot be read is dropped (named in the warnings);
+    when most files have another size than the first one read, the study is read again at their size
+    (`on_restart` is called first, so the callback can forget what it allocated).
 
     Args:
         study_dir: `.../train_images/<StudyInstanceUID>` (files `<slice_number>.dcm`).
-        on_slice: called as on_slice(k, raw, header) for the k-th file in slice-number order; raw is the
-            stored 16-bit values [H, W] (int16 or uint16 view as PixelRepresentation says; header.rescale
-            turns them into HU), valid only during the call.
+        on_slice: called as on_slice(k, raw, header) for the k-th file in slice-number order that could be read;
+            raw is the stored 16-bit values [H, W] (int16 or uint16 view as PixelRepresentation says;
+            header.rescale turns them into HU), valid only during the call.
         decoder: see `load_study`.
         files: the study's files when already listed.
+        on_restart: called before the study is read again.
 
     Returns:
         The SeriesInfo; its `order` says which files are kept and in what (head-first) order.
+
+    Raises:
+        DicomReadError: fewer than MIN_READABLE_SHARE of the files can be read, or they belong to several studies.
     """
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
@@ -338,23 +383,55 @@ def scan_study(study_dir: str | os.PathLike, on_slice: Callable[[int, np.ndarray
     sdl = _dicomsdl() if decoder in ("auto", "dicomsdl") else None
     if decoder == "dicomsdl" and sdl is None:
         raise DicomReadError("decoder='dicomsdl' asked for, but dicomsdl is not installed")
-    buffer = _SliceBuffer()
-    headers = []
+    scan = _scan_files(files, on_slice, sdl, decoder, _SliceBuffer())
+    if len(scan.other_sizes) > len(scan.kept):  # the first file read was the odd one out
+        if on_restart is not None:
+            on_restart()
+        shape = Counter(scan.other_sizes).most_common(1)[0][0]
+        scan = _scan_files(files, on_slice, sdl, decoder, _SliceBuffer(shape))
+    return _series_info(Path(study_dir), files, scan)
+
+
+@dataclass
+class _Scan:
+    """What one pass over a study's files read: kept file indices, their headers, the problems of the rest."""
+
+    kept: list[int] = field(default_factory=list)
+    headers: list[SliceHeader] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    other_sizes: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _scan_files(files: list[Path], on_slice, sdl, decoder: str, buffer: _SliceBuffer) -> _Scan:
+    scan = _Scan()
     for k, path in enumerate(files):
-        header = _read_file(path, buffer, sdl, decoder)
+        try:
+            header = _read_file(path, buffer, sdl, decoder)
+        except DicomReadError as e:
+            scan.problems.append(str(e))
+            if isinstance(e, SliceSizeMismatch):
+                scan.other_sizes.append(e.shape)
+            continue
         on_slice(k, buffer.buf if header.rescale.signed else buffer.buf.view(np.uint16), header)
-        headers.append(header)
-    return _series_info(Path(study_dir), files, headers)
+        scan.kept.append(k)
+        scan.headers.append(header)
+    return scan
 
 
-def _series_info(folder: Path, files: list[Path], headers: list[SliceHeader]) -> SeriesInfo:
+def _series_info(folder: Path, files: list[Path], scan: _Scan) -> SeriesInfo:
     """Head-first order (ImagePositionPatient z, never file names), duplicates dropped, the UID checked."""
+    n_read = len(scan.kept)
+    if n_read == 0 or n_read < MIN_READABLE_SHARE * len(files):
+        raise DicomReadError(f"{folder}: {n_read} of {len(files)} files readable; first problem: "
+                             f"{scan.problems[0] if scan.problems else 'none'}")
+    headers = scan.headers
+    kept = np.array(scan.kept)
     pos = np.array([h.position for h in headers], dtype=float)
-    numbers = np.array([_slice_number(p) for p in files])
-    order = np.lexsort((numbers, -pos[:, 2]))  # head first; equal z: lowest slice number first
-    keep = np.ones(len(order), dtype=bool)
-    keep[1:] = np.abs(np.diff(pos[order, 2])) > Z_DUPLICATE_TOLERANCE_MM
-    order = order[keep]
+    numbers = np.array([_slice_number(files[k]) for k in kept])
+    local = np.lexsort((numbers, -pos[:, 2]))  # head first; equal z: lowest slice number first
+    keep = np.ones(len(local), dtype=bool)
+    keep[1:] = np.abs(np.diff(pos[local, 2])) > Z_DUPLICATE_TOLERANCE_MM
+    local = local[keep]
     uids = {h.uid for h in headers}
     if len(uids) != 1:
         raise DicomReadError(f"{folder}: files from {len(uids)} studies: {sorted(uids)}")
@@ -362,18 +439,29 @@ def _series_info(folder: Path, files: list[Path], headers: list[SliceHeader]) ->
     warnings = []
     if uid != folder.name:
         warnings.append(f"{folder}: folder name differs from StudyInstanceUID {uid}")
-    dropped = len(files) - len(order)
+    ignored = not_slice_files(folder)
+    if ignored:
+        warnings.append(f"{folder}: ignored {len(ignored)} files not named <slice number>.dcm: "
+                        f"{', '.join(p.name for p in ignored[:LISTED_PROBLEMS])}")
+    if scan.problems:
+        more = len(scan.problems) - LISTED_PROBLEMS
+        warnings.append(f"{folder}: dropped {len(scan.problems)} unreadable files of {len(files)}: "
+                        + "; ".join(scan.problems[:LISTED_PROBLEMS]) + (f"; and {more} more" if more > 0 else ""))
+    dropped = n_read - len(local)
     if dropped:
         warnings.append(f"{folder}: dropped {dropped} files with duplicate z positions")
+    if len(local) == 1:
+        warnings.append(f"{folder}: a single slice: the models see one axial slice of this study")
     for w in warnings:
         log.warning(w)
-    z = pos[order, 2]
+    z = pos[local, 2]
     first = headers[0]
     dz = float(np.median(-np.diff(z))) if len(z) > 1 else first.thickness
-    return SeriesInfo(uid=uid, z=z, xy=pos[order, :2], spacing=(dz, *first.pixel_spacing),
-                      slice_numbers=numbers[order], order=order, rows=first.rows, cols=first.cols, path=str(folder),
-                      transfer_syntax="/".join(sorted({h.syntax for h in headers})), n_files=len(files),
-                      duplicates_dropped=dropped, reversed=bool(len(files) > 1 and pos[-1, 2] > pos[0, 2]),
+    return SeriesInfo(uid=uid, z=z, xy=pos[local, :2], spacing=(dz, *first.pixel_spacing),
+                      slice_numbers=numbers[local], order=kept[local], rows=first.rows, cols=first.cols,
+                      path=str(folder), transfer_syntax="/".join(sorted({h.syntax for h in headers})),
+                      n_files=len(files), duplicates_dropped=dropped, unreadable=len(scan.problems),
+                      ignored=len(ignored), reversed=bool(n_read > 1 and pos[-1, 2] > pos[0, 2]),
                       decoder="/".join(sorted({h.decoder for h in headers})), warnings=warnings)
 
 
@@ -400,7 +488,7 @@ def load_study(study_dir: str | os.PathLike, decoder: str = "auto") -> Study:
         The Study, hu int16 [Z, H, W] ordered by decreasing patient z, duplicate z positions dropped.
 
     Raises:
-        DicomReadError: a file that cannot be read or decoded, or inconsistent slice sizes; names the file.
+        DicomReadError: fewer than half of the files can be read (each unreadable file is named in the warnings).
     """
     files = list_slices(study_dir)
     volume: list[np.ndarray] = []
@@ -410,5 +498,5 @@ def load_study(study_dir: str | os.PathLike, decoder: str = "auto") -> Study:
             volume.append(np.empty((len(files), header.rows, header.cols), dtype=np.int16))
         volume[0][k] = header.rescale.to_hu(raw)
 
-    info = scan_study(study_dir, keep, decoder, files)
+    info = scan_study(study_dir, keep, decoder, files, on_restart=volume.clear)
     return Study(hu=in_head_first_order(volume[0], info.order), **vars(info))

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.patches import Rectangle
 
 from kernel_utils.windowing import SEED002_WINDOWS, Window, window
 
+log = logging.getLogger(__name__)
 LABEL_CMAP = plt.get_cmap("tab20", 20)
+
+
+@contextlib.contextmanager
+def skipped_on_error(what: str):
+    """Run the code of a figure; an error is logged and the figure skipped, so a figure never ends a run."""
+    try:
+        yield
+    except Exception as e:
+        log.warning("%s skipped: %s: %s", what, type(e).__name__, e)
 
 
 def _overlay(ax, mask: np.ndarray, aspect: float = 1.0) -> None:

@@ -38,7 +38,15 @@ from kernel_utils.fracture_models import (
 )
 from kernel_utils.metric import NORMALIZATIONS, TARGETS, competition_loss
 from kernel_utils.models import create_model
-from kernel_utils.training import TrainConfig, atomic_save, checkpoint_paths, fit, load_best, predict
+from kernel_utils.training import (
+    TrainConfig,
+    atomic_save,
+    checkpoint_paths,
+    fit,
+    load_best,
+    load_checkpoint,
+    predict,
+)
 
 log = logging.getLogger(__name__)
 FORMS = ("vertebra", "study")
@@ -255,7 +263,7 @@ def _train_fold(settings, model, inputs, targets, slice_targets, tr, va, fold, o
         load_best(model, out_dir, settings.cfg, fold)
         losses = fit_patient_head(model, tr_inputs, targets[tr], seed=settings.cfg.seed + fold)
         best_path, _ = checkpoint_paths(Path(out_dir), settings.cfg, fold)
-        state = torch.load(best_path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(best_path)
         atomic_save({**state, "model": model.state_dict(), "patient_head_loss": losses[-1]}, best_path)
         return [(f"{settings.name} (single vertebrae)", hist)]
     if settings.form == "study" and settings.cfg.param("train") == "slices_then_sequence":

@@ -7,7 +7,9 @@ nothing is downloaded.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import timm
 import torch
@@ -41,10 +43,47 @@ def create_model(cfg: TrainConfig, in_channels: int) -> nn.Module:
     return model
 
 
-def load_pretrained(module: nn.Module, path: str) -> None:
-    """Load a local state dict, keeping only tensors whose names and shapes match (heads and stems may differ)."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a local weights file: `.safetensors` (timm's format on the Hugging Face hub), a folder holding
+    one (a timm/Hugging Face cache snapshot), or a torch file of tensors (a state dict, or a checkpoint with a
+    `model` or `state_dict` entry). Torch files load with `weights_only=True`: a pickle that would run code is
+    refused, never executed.
+
+    Raises:
+        ValueError: the file is missing, unreadable, or holds something other than tensors; the message names it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.rglob("*.safetensors"))
+        if not found:
+            raise ValueError(f"{path}: a folder without a .safetensors file")
+        path = found[0]
+    if not path.exists():
+        raise ValueError(f"{path}: pretrained weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:
+            raise ValueError(f"{path}: not a readable .safetensors file ({type(e).__name__}: {e})") from e
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses any object but tensors and plain containers
+        raise ValueError(f"{path}: refused as pretrained weights: not a plain file of tensors "
+                         f"({type(e).__name__}: {str(e)[:200]}). Give a .safetensors file or a state dict saved "
+                         f"with torch.save(model.state_dict())") from e
+    if isinstance(state, dict):
+        state = state.get("model", state.get("state_dict", state))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: holds no state dict of tensors")
+    return state
+
+
+def load_pretrained(module: nn.Module, path: str | os.PathLike) -> None:
+    """Load a local weights file (`read_weights`), keeping only tensors whose names and shapes match (heads and
+    stems may differ)."""
+    state = read_weights(path)
     own = module.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     module.load_state_dict(usable, strict=False)

@@ -44,6 +44,18 @@ def ensure_synthetic(work_dir: Path, profile_name: str, seed: int = 0) -> Path:
     return out
 
 
+def set_aside_previous_submission(work_dir: Path) -> Path | None:
+    """Rename a previous run's submission.csv to previous_submission.csv, so a run that fails leaves no
+    submission.csv behind that could be taken for its own."""
+    old = work_dir / "submission.csv"
+    if not old.exists():
+        return None
+    kept = work_dir / "previous_submission.csv"
+    old.replace(kept)
+    print(f"the previous run's submission is now {kept}", flush=True)
+    return kept
+
+
 def run(data_dir: Path | None, work_dir: Path, profile: str, only: list[str] | None = None) -> Path:
     """Execute the notebooks into work_dir/executed/ and return the validated submission path."""
     import papermill as pm  # only here: the benchmarks use ensure_synthetic without Jupyter
@@ -52,7 +64,10 @@ def run(data_dir: Path | None, work_dir: Path, profile: str, only: list[str] | N
     data_dir = data_dir or ensure_synthetic(work_dir, profile)
     executed = work_dir / "executed"
     executed.mkdir(parents=True, exist_ok=True)
-    for nb in notebooks(only):
+    planned = notebooks(only)
+    if planned and planned[-1] == notebooks()[-1]:  # the submission notebook runs: it writes a new one
+        set_aside_previous_submission(work_dir)
+    for nb in planned:
         start = time.perf_counter()
         print(f"== {nb.name} ({profile}) ==", flush=True)
         pm.execute_notebook(str(nb), str(executed / nb.name), cwd=str(nb.parent), kernel_name="python3",

@@ -38,7 +38,9 @@ def summarize_build(summary: pd.DataFrame, seconds: float | None = None) -> pd.D
                "slices": int(ok.n_slices.sum()), "files": int(ok.n_files.sum()),
                "reversed": int(ok.reversed.astype(bool).sum()),
                "duplicated_series": int((ok.duplicates_dropped > 0).sum()),
-               "with_mask": int(ok.has_mask.astype(bool).sum())}
+               "with_mask": int(ok.has_mask.astype(bool).sum()),
+               "unreadable_files_dropped": int(ok.get("unreadable", pd.Series(0)).fillna(0).sum()),
+               "stray_files_ignored": int(ok.get("ignored", pd.Series(0)).fillna(0).sum())}
         for syntax, count in ok.transfer_syntax.value_counts().items():
             row[f"syntax {syntax}"] = int(count)
         built = df[df.status == "built"]
@@ -54,6 +56,16 @@ def failures(summary: pd.DataFrame) -> pd.DataFrame:
     if "error" not in summary:
         return pd.DataFrame(columns=cols)
     return summary.loc[summary.status == "failed", cols].reset_index(drop=True)
+
+
+def kept_with_warnings(summary: pd.DataFrame) -> pd.DataFrame:
+    """The studies that were cached in spite of a problem (a file dropped, a stray file, a mask not used), and what
+    the loader said about them."""
+    cols = ["split", "StudyInstanceUID", "warnings"]
+    if "warnings" not in summary:
+        return pd.DataFrame(columns=cols)
+    kept = summary[(summary.status != "failed") & summary.warnings.fillna("").astype(str).str.len().gt(0)]
+    return kept[cols].reset_index(drop=True)
 
 
 def boxes_by_slice(boxes: pd.DataFrame, uid: str, slice_numbers: np.ndarray) -> dict[int, list[tuple]]:

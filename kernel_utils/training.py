@@ -116,6 +116,48 @@ def checkpoint_paths(out_dir: Path, cfg: TrainConfig, fold: int) -> tuple[Path, 
     return base.with_name(base.name + "_best.pt"), base.with_name(base.name + "_last.pt")
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read back; the message names the file and what to do."""
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint the kit wrote, loaded on the CPU with `weights_only=True` (tensors and plain containers only:
+    a file that would run code is refused). CheckpointError names the file when it cannot be read."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # half written, garbage, or a pickle of something other than tensors
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path}: not a checkpoint of this kit (no 'model' weights)")
+    return state
+
+
+def _set_aside(path: Path, why: str) -> None:
+    """Keep an unreadable checkpoint as `<name>.corrupt` (nothing is deleted) and say so."""
+    path.replace(path.with_name(path.name + ".corrupt"))
+    log.warning("%s; kept as %s.corrupt", why, path.name)
+
+
+def _readable_checkpoints(best_path: Path, last_path: Path) -> dict | None:
+    """The `_last.pt` state to resume from, or None to train from scratch. An unreadable `_last.pt` is a run with
+    nothing to resume; an unreadable `_best.pt` loses the best epoch, so both are set aside and the fold retrains."""
+    last = None
+    if last_path.exists():
+        try:
+            last = load_checkpoint(last_path)
+        except CheckpointError as e:
+            _set_aside(last_path, f"{e}: training this fold from scratch")
+    if best_path.exists():
+        try:
+            load_checkpoint(best_path)
+        except CheckpointError as e:
+            _set_aside(best_path, f"{e}: training this fold from scratch")
+            if last_path.exists():
+                _set_aside(last_path, f"{last_path}: set aside with its unreadable _best.pt")
+            last = None
+    return last
+
+
 def atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(obj, tmp)
@@ -153,8 +195,8 @@ def fit(model: torch.nn.Module, train_ds: Dataset, valid_ds: Dataset | None, los
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))))
     history: list[dict] = []
     start_epoch, best, stale = 0, float("inf"), 0
-    if last_path.exists():
-        state = torch.load(last_path, map_location="cpu", weights_only=False)
+    state = _readable_checkpoints(best_path, last_path)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -220,9 +262,20 @@ def evaluate_loss(model, loader, loss_fn, acc=None, forward: Callable | None = N
 
 
 def load_best(model: torch.nn.Module, out_dir: str | os.PathLike, cfg: TrainConfig, fold: int) -> torch.nn.Module:
-    """The fold's best weights into `model` (on the CPU; move it where it will run)."""
+    """The fold's best weights into `model` (on the CPU; move it where it will run).
+
+    Raises:
+        CheckpointError: the file is missing or unreadable; the message names it and what to do.
+    """
     best_path, _ = checkpoint_paths(Path(out_dir), cfg, fold)
-    state = torch.load(best_path, map_location="cpu", weights_only=False)
+    if not best_path.exists():
+        raise CheckpointError(f"{best_path}: not found; train fold {fold} of {cfg.run_name} first (its notebook "
+                              f"resumes the folds already trained)")
+    try:
+        state = load_checkpoint(best_path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}. Delete it (and its _last.pt) and rerun the notebook that trains "
+                              f"{cfg.stage}: fold {fold} is trained again, the other folds are kept") from e
     model.load_state_dict(state["model"])
     return model.eval()
 

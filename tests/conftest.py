@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from kernel_utils.synthetic import make_dataset
@@ -29,6 +30,18 @@ def smoke_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smoke_data")
     make_dataset(str(out), workers=2, progress=False, **SMOKE_ARGS)
     return out
+
+
+@pytest.fixture(scope="session")
+def faulted_smoke(smoke_dir, tmp_path_factory) -> tuple[Path, pd.DataFrame]:
+    """A copy of the smoke dataset with one of each dataset fault (`inject_data_faults`), and the list of them."""
+    import shutil
+
+    from kernel_utils.fault_injection import inject_data_faults
+
+    out = tmp_path_factory.mktemp("faulted_smoke") / "data"
+    shutil.copytree(smoke_dir, out)
+    return out, inject_data_faults(out)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pydicom
 import pytest
-from conftest import SMOKE_ARGS
+from conftest import SMOKE_ARGS, dicom_files
 from pydicom.pixels import apply_rescale
 
 from kernel_utils import DicomReadError, load_study
@@ -94,19 +94,25 @@ def test_non_square_series_in_shuffled_order(tmp_path, encoding):
     assert any("folder name differs" in w for w in study.warnings)
 
 
-def test_truncated_file_names_the_file(tmp_path, smoke_dir):
-    spec = plan_dataset(**SMOKE_ARGS)[0]
+def test_a_truncated_file_is_dropped_and_named_and_too_many_fail_the_study(tmp_path, smoke_dir, caplog):
+    spec = next(s for s in plan_dataset(**SMOKE_ARGS) if not s.duplicated)
     shutil.copytree(smoke_dir / f"{spec.split}_images" / spec.uid, tmp_path / spec.uid)
-    victim = sorted((tmp_path / spec.uid).glob("*.dcm"))[3]
-    victim.write_bytes(victim.read_bytes()[:-200])
-    with pytest.raises(DicomReadError, match=victim.name):
+    files = dicom_files(tmp_path / spec.uid)
+    whole = load_study(tmp_path / spec.uid)
+    files[3].write_bytes(files[3].read_bytes()[:-200])
+    study = load_study(tmp_path / spec.uid)
+    assert study.unreadable == 1 and len(study.z) == len(whole.z) - 1
+    assert files[3].name in study.warnings[0] and files[3].name in caplog.text
+    for f in files[: len(files) // 2 + 1]:
+        f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(DicomReadError, match=f"of {len(files)} files readable"):
         load_study(tmp_path / spec.uid)
 
 
 def test_missing_folder_and_empty_folder(tmp_path):
     with pytest.raises(DicomReadError, match="not found"):
         load_study(tmp_path / "nope")
-    with pytest.raises(DicomReadError, match="no .dcm files"):
+    with pytest.raises(DicomReadError, match="no <slice number>.dcm files"):
         load_study(tmp_path)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -9,6 +11,7 @@ import pytest
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
 from kernel_utils import SegmentationMismatch, load_segmentation, load_study
+from kernel_utils.nifti_align import align_segmentation
 from kernel_utils.synthetic import StudySpec, render_study, write_study
 
 
@@ -55,21 +58,39 @@ def test_any_orientation_with_a_correct_affine(reversed_study, tmp_path, axcodes
     assert np.array_equal(load_segmentation(path, study), expected)
 
 
-def test_mismatches_are_clear_errors(reversed_study, tmp_path):
-    out, spec, _ = reversed_study
+def test_mismatches_are_clear_errors_and_an_offset_origin_is_aligned_by_the_axes(reversed_study, tmp_path):
+    out, spec, expected = reversed_study
     study = load_study(out / "train_images" / spec.uid)
     img = nib.load(out / "segmentations" / f"{spec.uid}.nii")
     data = np.asanyarray(img.dataobj)
     nib.save(nib.Nifti1Image(data[:, :, 1:], img.affine), tmp_path / "short.nii")
     with pytest.raises(SegmentationMismatch, match="shape"):
         load_segmentation(tmp_path / "short.nii", study)
+    nib.save(nib.Nifti1Image(data[:, 1:, :], img.affine), tmp_path / "narrow.nii")
+    with pytest.raises(SegmentationMismatch, match="shape"):
+        load_segmentation(tmp_path / "narrow.nii", study)
     shifted = img.affine.copy()
-    shifted[2, 3] += 3 * spec.spacing  # three slices off
+    shifted[2, 3] += 3 * spec.spacing  # three slices off: origin only, voxel sizes and shape agree
     nib.save(nib.Nifti1Image(data, shifted), tmp_path / "shifted.nii")
-    with pytest.raises(SegmentationMismatch, match="3.00 slices"):
-        load_segmentation(tmp_path / "shifted.nii", study)
+    labels, note = align_segmentation(tmp_path / "shifted.nii", study)
+    assert np.array_equal(labels, expected)
+    assert "shifted.nii" in note and "3.00 slices" in note
+    assert align_segmentation(out / "segmentations" / f"{spec.uid}.nii", study)[1] == ""
+    stretched = img.affine @ np.diag([1.0, 1.0, 1.5, 1.0])  # slices 1.5x further apart than the DICOM's
+    nib.save(nib.Nifti1Image(data, stretched), tmp_path / "stretched.nii")
+    with pytest.raises(SegmentationMismatch, match="voxel size"):
+        load_segmentation(tmp_path / "stretched.nii", study)
     flipped = img.affine @ np.array([[1, 0, 0, 0], [0, -1, 0, data.shape[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1.0]])
     nib.save(nib.Nifti1Image(data, flipped), tmp_path / "hard_flip.nii")  # data not flipped with the header
     labels = load_segmentation(tmp_path / "hard_flip.nii", study)
     assert not np.array_equal(labels, load_segmentation(out / "segmentations" / f"{spec.uid}.nii", study))
 
+
+def test_a_study_with_a_dropped_slice_keeps_its_mask_by_z_position(reversed_study, tmp_path):
+    out, spec, expected = reversed_study
+    study = load_study(out / "train_images" / spec.uid)
+    keep = np.delete(np.arange(study.shape[0]), 3)  # as if one file had been unreadable
+    short = dataclasses.replace(study, z=study.z[keep], xy=study.xy[keep], order=study.order[keep],
+                                slice_numbers=study.slice_numbers[keep], hu=study.hu[keep])
+    labels, note = align_segmentation(out / "segmentations" / f"{spec.uid}.nii", short)
+    assert np.array_equal(labels, expected[keep]) and "matched by z position" in note

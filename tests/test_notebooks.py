@@ -9,6 +9,8 @@ import pandas as pd
 import papermill as pm
 import pytest
 
+from kernel_utils.fault_injection import checkpoint_fault_paths, inject_checkpoint_faults
+
 EXTRA_BACKBONE = "resnet10t"  # a second per-vertebra model, beside the smoke profile's EfficientNetV2
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
@@ -19,17 +21,20 @@ def work_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def executed(smoke_dir, work_dir) -> dict[str, Exception | None]:
-    """Every notebook run once, in order, on the smoke data in one work dir: name -> the error it raised, or None.
+def executed(faulted_smoke, work_dir) -> dict[str, Exception | None]:
+    """Every notebook run once, in order, in one work dir, on the smoke data with every dataset fault of
+    `inject_data_faults` and two corrupt checkpoints: name -> the error it raised, or None.
 
     Each notebook's test reads its entry, so any one of them (or the bundle test) can run alone.
     """
+    data_dir, _ = faulted_smoke
+    inject_checkpoint_faults(work_dir, "smoke")
     results: dict[str, Exception | None] = {}
     (work_dir / "executed").mkdir(exist_ok=True)
     for notebook in NOTEBOOKS:
         try:
             pm.execute_notebook(str(notebook), str(work_dir / "executed" / notebook.name), parameters={
-                "DATA_DIR": str(smoke_dir), "WORK_DIR": str(work_dir), "PROFILE": "smoke",
+                "DATA_DIR": str(data_dir), "WORK_DIR": str(work_dir), "PROFILE": "smoke",
                 "EXTRA_VERTEBRA_MODELS": EXTRA_BACKBONE},  # 03's only; the others ignore it
                 cwd=str(notebook.parent), progress_bar=False, kernel_name="python3")
             results[notebook.name] = None
@@ -48,6 +53,24 @@ def test_notebooks_are_committed_clean_with_parameters():
         for name in ("DATA_DIR", "WORK_DIR", "PROFILE"):
             assert f"{name} = " in params, (path.name, name)
         assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), path.name
+
+
+def test_no_fault_ends_the_run_loses_a_study_or_goes_unnamed(executed, work_dir, faulted_smoke):
+    data_dir, faults = faulted_smoke
+    assert all(error is None for error in executed.values())
+    summary = pd.read_csv(work_dir / "preprocess_summary.csv").set_index("StudyInstanceUID")
+    assert (summary.status != "failed").all(), summary[summary.status == "failed"].error
+    for fault in faults.itertuples():
+        assert Path(fault.file).name in str(summary.loc[fault.uid, "warnings"]), fault.fault
+    assert not summary.loc[faults[faults.fault == "NIfTI one slice short"].uid.iloc[0], "has_mask"]
+    assert summary.loc[faults[faults.fault == "NIfTI origin shifted 50 mm"].uid.iloc[0], "has_mask"]
+    for path in checkpoint_fault_paths(work_dir, "smoke"):  # set aside, and the fold trained again
+        assert path.with_name(path.name + ".corrupt").exists() and path.exists()
+    submission = pd.read_csv(work_dir / "submission.csv")
+    assert sorted(submission.row_id) == sorted(pd.read_csv(data_dir / "test.csv").row_id)
+    for name in ("cnn_lstm_vertebra", "vit3d"):  # every faulted test study kept its images: the models predicted it
+        predicted = set(pd.read_csv(work_dir / "predictions" / f"{name}_test.csv").StudyInstanceUID)
+        assert set(faults[faults.split == "test"].uid) <= predicted, name
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -70,7 +93,7 @@ def test_notebook_runs_on_smoke_data(notebook, executed, work_dir):
         assert {"cnn_lstm_vertebra", f"cnn_lstm_vertebra_{EXTRA_BACKBONE}", "vit3d", "prior"} <= set(models)
 
 
-def test_kaggle_bundle_runs_alone(executed, work_dir, smoke_dir, tmp_path):
+def test_kaggle_bundle_runs_alone(executed, work_dir, faulted_smoke, tmp_path):
     """The bundle holds what its notebook imports, and the notebook writes a valid submission from it alone."""
     assert all(error is None for error in executed.values())
     import subprocess
@@ -88,6 +111,7 @@ def test_kaggle_bundle_runs_alone(executed, work_dir, smoke_dir, tmp_path):
              "print(kernel_utils.__file__)")
     found = subprocess.run([sys.executable, "-c", probe, str(dataset)], capture_output=True, text=True, check=True)
     assert found.stdout.strip().startswith(str(dataset))
+    smoke_dir, _ = faulted_smoke  # the faulted test studies go through the kernel's own preprocessing
     kernel_work = tmp_path / "kernel_work"
     pm.execute_notebook(str(out / "kernel" / "submission.ipynb"), str(tmp_path / "executed.ipynb"),
                         parameters={"BUNDLE_DIR": str(dataset), "DATA_DIR": str(smoke_dir),
