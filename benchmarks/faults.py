@@ -65,7 +65,7 @@ def pretrained_attack(folder: Path) -> dict:
         load_pretrained(torch.nn.Linear(1, 1), weights)
         refused = ""
     except ValueError as e:
-        refused = str(e)[:160]
+        refused = str(e).replace(str(folder), "WORK_DIR")[:200]
     return {"refused": bool(refused), "message": refused, "code_ran": marker.exists()}
 
 

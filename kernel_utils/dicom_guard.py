@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import struct
-from pathlib import Path
 
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
 SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0: the end of encapsulated frames
 UNDEFINED_LENGTH = 0xFFFFFFFF
-HEAD_BYTES = 16384  # the competition's headers end at about 750 bytes
+HEAD_BYTES = 4096  # the competition's headers end at about 750 bytes
+LONG_HEAD_BYTES = 65536
 TAIL_BYTES = 64
 
 
@@ -37,21 +37,27 @@ def checked_pixel_length(path: str | os.PathLike) -> int | None:
     """The Pixel Data length the header declares (UNDEFINED_LENGTH for compressed frames) when the file holds
     every byte of it, else None: a native reader may take the file only when this is not None.
 
-    None for a cut file, a file whose Pixel Data element is not in its first HEAD_BYTES, an empty or non-DICOM
+    None for a cut file, a file whose Pixel Data element is not in its first LONG_HEAD_BYTES, an empty or non-DICOM
     file: those go to pydicom, which reads them safely or raises a clear error. Costs one small read (two for a
-    compressed file) of bytes the reader needs next anyway.
+    compressed file or a long header), about 12 us a file here.
     """
-    path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            extent = pixel_data_extent(f.read(HEAD_BYTES))
-            if extent is None:
-                return None
-            start, length = extent
-            if length != UNDEFINED_LENGTH:
-                return length if start + length <= size else None
-            f.seek(max(size - TAIL_BYTES, start))
-            return length if SEQUENCE_DELIMITER in f.read(TAIL_BYTES) else None
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
+    try:
+        size = os.fstat(fd).st_size
+        extent = pixel_data_extent(os.pread(fd, HEAD_BYTES, 0))
+        if extent is None and size > HEAD_BYTES:
+            extent = pixel_data_extent(os.pread(fd, LONG_HEAD_BYTES, 0))
+        if extent is None:
+            return None
+        start, length = extent
+        if length != UNDEFINED_LENGTH:
+            return length if start + length <= size else None
+        tail = os.pread(fd, TAIL_BYTES, max(size - TAIL_BYTES, start))
+        return length if SEQUENCE_DELIMITER in tail else None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from kernel_utils import cache as cache_mod
-from kernel_utils import load_study
+from kernel_utils import load_study, npz_store
 from kernel_utils.cache import CacheSpec, build_cache, cache_dir, load_cached, read_entry, window_study
 from kernel_utils.dicom_io import Rescale
 from kernel_utils.windowing import (
@@ -104,7 +104,7 @@ def test_streamed_npz_reads_back_as_what_was_written(tmp_path, compress):
               "empty": np.zeros((0, 4), np.int16), "meta": np.array('{"uid": "1.2"}')}
     path = tmp_path / "entry.npz"
     with open(path, "wb") as f:
-        cache_mod.write_npz(f, arrays, compress)
+        npz_store.write_npz(f, arrays, compress)
     with np.load(path) as npz:
         assert sorted(npz.files) == sorted(arrays)
         for name, value in arrays.items():
@@ -114,8 +114,8 @@ def test_streamed_npz_reads_back_as_what_was_written(tmp_path, compress):
         assert z.testzip() is None
         for info in z.infolist():
             assert info.CRC == zlib.crc32(z.read(info.filename)), info.filename
-    entry = tmp_path / "entry_atomic.npz"  # write_entry (preallocated when stored): no byte past the zip's end
-    cache_mod.write_entry(entry, arrays, compress)
+    entry = tmp_path / "entry_atomic.npz"  # write_npz_atomic (preallocated when stored): no byte past the zip's end
+    npz_store.write_npz_atomic(entry, arrays, compress)
     assert entry.stat().st_size == path.stat().st_size
     with np.load(entry) as npz:
         assert all(np.array_equal(npz[name], value) for name, value in arrays.items())
@@ -174,9 +174,9 @@ def test_killed_write_leaves_nothing_served(smoke_dir, tmp_path, monkeypatch):
         f.write(b"PK\x03\x04 half of a zip")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cache_mod, "write_npz", dying_write)
+    monkeypatch.setattr(npz_store, "write_npz", dying_write)
     with pytest.raises(KeyboardInterrupt):
-        cache_mod.write_entry(cache_dir(tmp_path, SPEC) / f"{uid}.npz", {"images": np.zeros(3)})
+        npz_store.write_npz_atomic(cache_dir(tmp_path, SPEC) / f"{uid}.npz", {"images": np.zeros(3)})
     assert list(cache_dir(tmp_path, SPEC).glob("*.npz")) == []
     assert list(cache_dir(tmp_path, SPEC).glob(".*tmp")) == []
     monkeypatch.undo()

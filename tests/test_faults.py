@@ -23,7 +23,7 @@ from conftest import dicom_files
 
 from kernel_utils import cache as cache_mod
 from kernel_utils import load_study
-from kernel_utils.cache import CacheSpec, build_cache, cache_dir, read_entry, remove_orphan_temps
+from kernel_utils.cache import CacheSpec, build_cache, cache_dir, read_entry
 from kernel_utils.dicom_guard import checked_pixel_length
 from kernel_utils.dicom_io import DicomReadError
 from kernel_utils.fault_injection import (
@@ -39,6 +39,7 @@ from kernel_utils.fault_injection import (
     slice_files,
 )
 from kernel_utils.models import load_pretrained, read_weights
+from kernel_utils.npz_store import remove_orphan_temps
 from kernel_utils.pipeline import set_aside_previous_submission
 from kernel_utils.training import CheckpointError, TrainConfig, checkpoint_paths, fit, load_best
 
