@@ -73,7 +73,12 @@ def wide_to_long(predictions: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"row_id": long.StudyInstanceUID + "_" + long.target, "fractured": long.fractured})
 
 
-def _binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+def auc_or_nan(y: np.ndarray, p: np.ndarray) -> float:
+    """ROC AUC, or NaN where it means nothing: labels of one class only, or a constant prediction."""
+    return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) and np.ptp(p) > 0 else float("nan")
+
+
+def _binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float, ranks: bool = True) -> dict[str, float]:
     pred = p >= threshold
     tp, tn = float(np.sum(pred & (y == 1))), float(np.sum(~pred & (y == 0)))
     fp, fn = float(np.sum(pred & (y == 0))), float(np.sum(~pred & (y == 1)))
@@ -87,17 +92,19 @@ def _binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str,
         "sensitivity": sens, "specificity": spec, "ppv": ppv, "npv": npv,
         "f1": ratio(2 * tp, 2 * tp + fp + fn), "accuracy": ratio(tp + tn, len(y)),
         "mcc": ratio(tp * tn - fp * fn, mcc_den),
-        "auc": float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan"),
+        "auc": auc_or_nan(y, p) if ranks else float("nan"),
         "positives": int(y.sum()), "n": len(y),
     }
 
 
 def classification_table(labels: pd.DataFrame, predictions: pd.DataFrame, threshold: float = 0.5,
-                         balanced: bool = False, seed: int = 0) -> pd.DataFrame:
+                         balanced: bool = False, seed: int = 0, ranks: bool = True) -> pd.DataFrame:
     """Seed 002's table: sensitivity, specificity, PPV, NPV, F1, accuracy, MCC and AUC per target.
 
     With `balanced`, each target is scored on a subsample with as many negatives as positives (the larger
-    class drawn down at random with `seed`), as seed 002 reports beside the data as it is.
+    class drawn down at random with `seed`), as seed 002 reports beside the data as it is. The AUC is NaN for a
+    constant prediction and, with `ranks=False`, for a predictor that ranks nothing although its values differ
+    (the prior fitted per fold: its values differ only between folds).
     """
     y, p = _aligned(labels, predictions)
     rng = np.random.default_rng(seed)
@@ -108,5 +115,5 @@ def classification_table(labels: pd.DataFrame, predictions: pd.DataFrame, thresh
             pos, neg = idx[y[:, j] == 1], idx[y[:, j] == 0]
             m = min(len(pos), len(neg))
             idx = np.concatenate([rng.choice(pos, m, replace=False), rng.choice(neg, m, replace=False)])
-        rows[target] = _binary_metrics(y[idx, j], p[idx, j], threshold)
+        rows[target] = _binary_metrics(y[idx, j], p[idx, j], threshold, ranks)
     return pd.DataFrame(rows).T

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from kernel_utils.config import get_profile, resolve_work_dir
+from kernel_utils.run_summary import format_summary, run_summary
 from kernel_utils.submission import validate_submission
 from kernel_utils.synthetic import make_dataset
 
@@ -67,14 +68,19 @@ def run(data_dir: Path | None, work_dir: Path, profile: str, only: list[str] | N
     planned = notebooks(only)
     if planned and planned[-1] == notebooks()[-1]:  # the submission notebook runs: it writes a new one
         set_aside_previous_submission(work_dir)
+    seconds = {}
     for nb in planned:
         start = time.perf_counter()
         print(f"== {nb.name} ({profile}) ==", flush=True)
         pm.execute_notebook(str(nb), str(executed / nb.name), cwd=str(nb.parent), kernel_name="python3",
                             parameters={"DATA_DIR": str(data_dir), "WORK_DIR": str(work_dir), "PROFILE": profile})
-        print(f"   {nb.name}: {time.perf_counter() - start:.0f} s", flush=True)
+        seconds[nb.stem] = time.perf_counter() - start
+        print(f"   {nb.name}: {seconds[nb.stem]:.0f} s", flush=True)
     submission = work_dir / "submission.csv"
     validate_submission(submission, data_dir / "test.csv")
+    if (work_dir / "predictions" / "ensemble_table.csv").exists():
+        print(f"== run summary ({profile}), also in {work_dir / 'run_summary.json'} ==")
+        print(format_summary(run_summary(data_dir, work_dir, seconds)), flush=True)
     return submission
 
 

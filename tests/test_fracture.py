@@ -13,6 +13,7 @@ from kernel_utils.fracture import (
     FractureSettings,
     cross_validate_fracture,
     fit_patient_head,
+    labelled_slices,
     slice_phase_config,
     vertebra_samples,
     with_patient_mode,
@@ -227,6 +228,15 @@ def test_the_study_form_trains_its_cnn_on_slices_first(tmp_path):
         for cfg in (settings.cfg, slice_phase_config(settings.cfg)):
             assert checkpoint_paths(tmp_path, cfg, fold)[0].exists()
     assert cv["raw_oof"].shape == (8, 8) and np.isfinite(cv["raw_oof"]).all()
+
+
+def test_the_study_forms_warp_setting_reaches_its_slice_phase():
+    inputs = [np.zeros((3, 3, 8, 8), dtype=np.uint8)]
+    targets = np.array([[0.0, 1.0, np.nan]])
+    for warp in (True, False):
+        ds = labelled_slices(inputs, targets, True, 3, warp)
+        assert ds.rotate_shift is warp and len(ds) == 2
+    assert FractureSettings.for_profile("demo", "study").cfg.param("rotate_shift") is True  # seed 002's augmentation
 
 
 def test_vertebra_stacks_pick_the_right_slices_and_channels():

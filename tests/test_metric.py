@@ -8,6 +8,7 @@ import pytest
 
 from kernel_utils.baseline import cross_validate_prior, fit_prior, make_folds, predict_constant
 from kernel_utils.metric import TARGETS, classification_table, competition_loss, long_to_wide, wide_to_long
+from kernel_utils.run_summary import ranking_scores
 
 
 def _table(uids, rows):
@@ -67,6 +68,27 @@ def test_seed002_table_values():
     assert row.accuracy == 0.5 and row.mcc == 0.0 and row.auc == 0.75
     balanced = classification_table(labels, preds, balanced=True)
     assert (balanced.n == 4).all()
+
+
+def test_a_constant_ranks_nothing_so_its_table_shows_no_auc():
+    labels = _table(list("abcd"), [[1] * 8, [1] * 8, [0] * 8, [0] * 8])
+    constant = _table(list("abcd"), [[0.3] * 8] * 4)
+    assert classification_table(labels, constant).auc.isna().all()
+    per_fold = _table(list("abcd"), [[0.30] * 8, [0.31] * 8, [0.29] * 8, [0.30] * 8])  # a prior fitted per fold
+    assert classification_table(labels, per_fold).auc.notna().all()
+    assert classification_table(labels, per_fold, ranks=False).auc.isna().all()
+    assert (classification_table(labels, per_fold, ranks=False).accuracy == 0.5).all()
+
+
+def test_ranking_scores_of_perfect_and_reversed_predictions():
+    labels = _table(list("abcd"), [[1, 0, 1, 0, 0, 0, 0, 1], [0, 1, 0, 0, 0, 0, 0, 1], [0, 0, 1, 0, 0, 0, 0, 1],
+                                   [0, 0, 0, 0, 0, 0, 0, 0]])
+    perfect = labels.copy()
+    perfect[TARGETS] = labels[TARGETS] * 0.8 + 0.1
+    reversed_ = labels.copy()
+    reversed_[TARGETS] = 0.9 - labels[TARGETS] * 0.8
+    assert ranking_scores(labels, perfect) == {"mean_vertebra_auc": 1.0, "patient_auc": 1.0}
+    assert ranking_scores(labels, reversed_) == {"mean_vertebra_auc": 0.0, "patient_auc": 0.0}
 
 
 def test_folds_and_cross_validated_prior(reference):

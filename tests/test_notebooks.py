@@ -10,6 +10,8 @@ import papermill as pm
 import pytest
 
 from kernel_utils.fault_injection import checkpoint_fault_paths, inject_checkpoint_faults
+from kernel_utils.metric import competition_loss, long_to_wide
+from kernel_utils.run_summary import format_summary, run_summary
 
 EXTRA_BACKBONE = "resnet10t"  # a second per-vertebra model, beside the smoke profile's EfficientNetV2
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -91,6 +93,29 @@ def test_notebook_runs_on_smoke_data(notebook, executed, work_dir):
     if notebook.name.startswith("05_"):
         models = json.loads((work_dir / "predictions" / "ensemble.json").read_text())["models"]
         assert {"cnn_lstm_vertebra", f"cnn_lstm_vertebra_{EXTRA_BACKBONE}", "vit3d", "prior"} <= set(models)
+
+
+def test_the_run_summary_reads_what_the_notebooks_wrote(executed, work_dir, faulted_smoke):
+    data_dir, _ = faulted_smoke
+    summary = run_summary(data_dir, work_dir, {"01_preprocess": 5.0, "05_ensemble_submission": 2.0})
+    table = pd.read_csv(work_dir / "predictions" / "ensemble_table.csv", index_col="model")
+    assert set(summary["models"]) == {m for m in table.index if m in models_with_predictions(work_dir)} | {"prior"}
+    for name, m in summary["models"].items():
+        assert m["oof_loss"] == pytest.approx(table.loss_study[name])
+        assert m["over_prior"] == pytest.approx(table.loss_study[name] / table.loss_study["prior"])
+    hidden = summary["hidden_test"]
+    truth = pd.read_csv(data_dir / "_truth" / "test_labels.csv")
+    assert hidden["studies"] == len(truth)
+    submitted = long_to_wide(pd.read_csv(work_dir / "submission.csv"))
+    assert hidden["loss"] == pytest.approx(competition_loss(truth, submitted))
+    text = format_summary(summary)
+    assert all(name in text for name in summary["models"]) and "7 in all" in text
+    saved = json.loads((work_dir / "run_summary.json").read_text())
+    assert saved["submission"]["from"] == summary["submission"]["from"]
+
+
+def models_with_predictions(work_dir: Path) -> set[str]:
+    return {p.name.removesuffix("_oof.csv") for p in (work_dir / "predictions").glob("*_oof.csv")}
 
 
 def test_kaggle_bundle_runs_alone(executed, work_dir, faulted_smoke, tmp_path):
