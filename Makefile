@@ -22,7 +22,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 run: setup
-	$(BIN)/python -m kernel_utils.pipeline --work-dir "$(WORK_DIR)" --profile "$(PROFILE)" $(if $(DATA_DIR),--data-dir "$(DATA_DIR)")
+	$(BIN)/python -m kernel_utils.dev.pipeline --work-dir "$(WORK_DIR)" --profile "$(PROFILE)" $(if $(DATA_DIR),--data-dir "$(DATA_DIR)")
 
 test: setup
 	$(BIN)/python -m pytest -q tests
@@ -34,7 +34,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 kaggle-bundle: setup
-	$(BIN)/python -m kernel_utils.bundle --work-dir "$(WORK_DIR)" --out dist/kaggle --wheels
+	$(BIN)/python -m kernel_utils.dev.bundle --work-dir "$(WORK_DIR)" --out dist/kaggle --wheels
 
 clean:
 	rm -rf "$(WORK_DIR)" .pytest_cache .ruff_cache

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from kernel_utils.cache import build_cache, profile_cache_spec
-from kernel_utils.pipeline import ensure_synthetic
+from kernel_utils.dev.pipeline import ensure_synthetic
+from kernel_utils.io.cache import profile_cache_spec
+from kernel_utils.io.cache_build import build_cache
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"

@@ -2,8 +2,8 @@
 
 Runs the five notebooks of a profile on its synthetic dataset through papermill (once: a WORK_DIR that already
 holds `predictions/ensemble.json` is reused), then the Kaggle kernel's inference-only chain
-(`kernel_utils.submit.predict_test`, every model run even when the blend leaves it out) on the test studies with
-their cache entries removed first, so loading is timed too. Each stage's time is split into data (reading DICOM,
+(`kernel_utils.submit.predict.predict_test`, every model run even when the blend leaves it out) on the test studies
+with their cache entries removed first, so loading is timed too. Each stage's time is split into data (reading DICOM,
 windowing, reading and cropping the cache) and models (loading weights, running networks).
 
     python -m benchmarks.ensemble_inference --profile demo [--work-dir DIR] [--rerun]
@@ -20,11 +20,16 @@ import pandas as pd
 import torch
 
 from benchmarks.common import ROOT, write_result
-from kernel_utils.cache import cache_dir
+from kernel_utils.blend.ensemble import BLEND_ROWS, CALIBRATED, MEAN_ROW
 from kernel_utils.config import get_profile
-from kernel_utils.ensemble import BLEND_ROWS, CALIBRATED, MEAN_ROW
-from kernel_utils.pipeline import ensure_synthetic, run
-from kernel_utils.submit import HIDDEN_TEST_STUDIES, KAGGLE_LIMIT_HOURS, ensemble_cache_spec, predict_test
+from kernel_utils.dev.pipeline import ensure_synthetic, run
+from kernel_utils.io.cache import cache_dir
+from kernel_utils.submit.predict import (
+    HIDDEN_TEST_STUDIES,
+    KAGGLE_LIMIT_HOURS,
+    ensemble_cache_spec,
+    predict_test,
+)
 
 BLENDS = (MEAN_ROW, *BLEND_ROWS)
 

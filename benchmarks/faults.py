@@ -1,5 +1,5 @@
 """Every fault at once: `make run PROFILE=smoke` on a synthetic dataset holding one of each dataset fault
-(`kernel_utils.fault_injection`), with corrupt checkpoints where an earlier run left its weights, then the
+(`kernel_utils.dev.fault_injection`), with corrupt checkpoints where an earlier run left its weights, then the
 Kaggle kernel's inference chain on the faulted test studies, and a pretrained file that would run code.
 
 Records faults injected, runs finished, studies kept, rows written and crashes (must be 0) in
@@ -21,10 +21,14 @@ import pandas as pd
 import torch
 
 from benchmarks.common import ROOT, write_result
-from kernel_utils.fault_injection import code_running_weights, inject_checkpoint_faults, inject_data_faults
-from kernel_utils.models import load_pretrained
-from kernel_utils.pipeline import ensure_synthetic
-from kernel_utils.submission import submission_problems
+from kernel_utils.dev.fault_injection import (
+    code_running_weights,
+    inject_checkpoint_faults,
+    inject_data_faults,
+)
+from kernel_utils.dev.pipeline import ensure_synthetic
+from kernel_utils.nets.backbones import load_pretrained
+from kernel_utils.submit.writer import submission_problems
 
 PROFILE = "smoke"
 
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = root / "work"
     shutil.rmtree(work, ignore_errors=True)
     checkpoints = inject_checkpoint_faults(work, PROFILE)
-    pipeline = _run([sys.executable, "-m", "kernel_utils.pipeline", "--data-dir", str(data_dir), "--work-dir",
+    pipeline = _run([sys.executable, "-m", "kernel_utils.dev.pipeline", "--data-dir", str(data_dir), "--work-dir",
                      str(work), "--profile", PROFILE], root / "pipeline.log")
     expected_rows = len(pd.read_csv(data_dir / "test.csv"))
     summary = pd.read_csv(work / "preprocess_summary.csv").set_index("StudyInstanceUID") \
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     faults["outcome"] = [outcome_of(f, summary) if len(summary) else "no summary" for _, f in faults.iterrows()]
     checkpoints["outcome"] = ["set aside and retrained" if Path(f + ".corrupt").exists() and Path(f).exists()
                               else "NOT handled" for f in checkpoints.file]
-    kernel = _run([sys.executable, "-c", "import sys; from kernel_utils.submit import predict_test; "
+    kernel = _run([sys.executable, "-c", "import sys; from kernel_utils.submit.predict import predict_test; "
                    "predict_test(sys.argv[1], sys.argv[2], sys.argv[3], all_models=True)",
                    str(data_dir), str(work), str(root / "kernel_submission.csv")], root / "kernel.log")
     kernel_rows = len(pd.read_csv(root / "kernel_submission.csv")) if (root / "kernel_submission.csv").exists() else 0

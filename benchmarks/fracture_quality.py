@@ -30,10 +30,14 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from benchmarks.common import prepared_data, write_result
-from kernel_utils.baseline import cross_validate_prior, fit_prior, make_folds, predict_constant
-from kernel_utils.cache import iter_cached, profile_cache_spec
-from kernel_utils.ensemble import ensemble_with_prior, load_predictions
-from kernel_utils.fracture import (
+from kernel_utils.blend.ensemble import ensemble_with_prior, load_predictions
+from kernel_utils.blend.prior import cross_validate_prior, fit_prior, predict_constant
+from kernel_utils.explain.gradcam import boxes_for_studies, score_boxes
+from kernel_utils.folds import make_folds
+from kernel_utils.io.cache import iter_cached, profile_cache_spec
+from kernel_utils.io.windowing import resize_slices
+from kernel_utils.metric import NORMALIZATIONS, TARGETS, VERTEBRAE, competition_loss
+from kernel_utils.stages.fracture import (
     FractureSettings,
     build_inputs,
     cross_validate_fracture,
@@ -42,9 +46,8 @@ from kernel_utils.fracture import (
     predict_fracture,
     save_predictions,
 )
-from kernel_utils.fracture_data import slice_targets_of
-from kernel_utils.gradcam import boxes_for_studies, score_boxes
-from kernel_utils.localisation import (
+from kernel_utils.stages.fracture_data import slice_targets_of
+from kernel_utils.stages.localisation import (
     LocalisationSettings,
     best_range_source,
     cross_validate,
@@ -53,9 +56,7 @@ from kernel_utils.localisation import (
     localise_study,
     write_localisation,
 )
-from kernel_utils.metric import NORMALIZATIONS, TARGETS, VERTEBRAE, competition_loss
-from kernel_utils.vit import ViTSettings, build_volumes
-from kernel_utils.windowing import resize_slices
+from kernel_utils.stages.vit import ViTSettings, build_volumes
 
 
 def truth_localisation(data_dir, work_dir, spec) -> None:
@@ -110,8 +111,8 @@ def fresh_test_data(profile: str, n: int, spec, workers: int) -> tuple[Path, Pat
     """(data_dir, work_dir) of `n` new test studies of the profile's distribution (seed 11, not the bench set's 0),
     cached and localised from their truth: a larger held-out set than the profile's test split."""
     from benchmarks.common import ROOT
-    from kernel_utils.cache import build_cache
-    from kernel_utils.synthetic import PROFILE_SIZES, make_dataset
+    from kernel_utils.dev.synthetic import PROFILE_SIZES, make_dataset
+    from kernel_utils.io.cache_build import build_cache
 
     work_dir = ROOT / ".data" / f"fresh_{profile}_{n}"
     data_dir = work_dir / "synthetic"

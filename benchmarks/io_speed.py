@@ -27,11 +27,12 @@ import numpy as np
 import pandas as pd
 import pydicom
 
-from kernel_utils.cache import CacheSpec, build_cache, build_entry, cache_dir, read_entry
-from kernel_utils.dicom_io import Rescale, list_slices
-from kernel_utils.npz_store import write_npz_atomic
-from kernel_utils.synthetic import StudySpec, write_study
-from kernel_utils.windowing import SEED002_WINDOWS, SliceWindower
+from kernel_utils.dev.synthetic import StudySpec, write_study
+from kernel_utils.io.cache import CacheSpec, build_entry, cache_dir, read_entry
+from kernel_utils.io.cache_build import build_cache
+from kernel_utils.io.dicom_series import Rescale, list_slices
+from kernel_utils.io.npz_store import write_npz_atomic
+from kernel_utils.io.windowing import SEED002_WINDOWS, SliceWindower
 
 ROOT = Path(__file__).resolve().parent
 DATA = ROOT / ".data" / "io"
@@ -158,7 +159,7 @@ def peak_memory(folder: Path) -> dict[str, float]:
     """Peak traced allocation while one worker builds one entry, in units of the study's int16 volume."""
     code = (
         "import tracemalloc, tempfile, pathlib, json, sys;"
-        "from kernel_utils.cache import CacheSpec, build_entry;"
+        "from kernel_utils.io.cache import CacheSpec, build_entry;"
         "tracemalloc.start();"
         f"row = build_entry(pathlib.Path({str(folder)!r}), CacheSpec(image_size={SIZE}), "
         "pathlib.Path(tempfile.mkdtemp()));"

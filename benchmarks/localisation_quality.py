@@ -20,14 +20,9 @@ import numpy as np
 import torch
 
 from benchmarks.common import prepared_data, write_result
-from kernel_utils.cache import iter_cached, profile_cache_spec
-from kernel_utils.localisation import (
-    LocalisationSettings,
-    accuracy_table,
-    best_possible_dice,
-    cross_validate,
-    range_table,
-)
+from kernel_utils.io.cache import iter_cached, profile_cache_spec
+from kernel_utils.stages.localisation import LocalisationSettings, accuracy_table, cross_validate, range_table
+from kernel_utils.stages.localisation_data import best_possible_dice
 
 
 def dice_ceiling(studies: list[dict], size: int) -> float:

@@ -13,11 +13,11 @@ import time
 import torch
 
 from benchmarks.common import RESULTS, write_result
-from kernel_utils.fracture import FractureSettings
-from kernel_utils.localisation import LocalisationSettings
-from kernel_utils.models import create_model
+from kernel_utils.nets import create_model
+from kernel_utils.stages.fracture import FractureSettings
+from kernel_utils.stages.localisation import LocalisationSettings
+from kernel_utils.stages.vit import ViTSettings
 from kernel_utils.training import device
-from kernel_utils.vit import ViTSettings
 
 HIDDEN_TEST_STUDIES = 1500
 KAGGLE_LIMIT_HOURS = 9.0

@@ -3,11 +3,12 @@
 The names below are the kit's public verbs; everything else lives in modules of one concept each.
 """
 
-from kernel_utils.dicom_io import DicomReadError, Study, load_study
+from kernel_utils.io.dicom_io import load_study
+from kernel_utils.io.dicom_series import DicomReadError, Study
+from kernel_utils.io.nifti_align import SegmentationMismatch, load_segmentation
+from kernel_utils.io.windowing import SEED002_WINDOWS, Window, window, window_slices
 from kernel_utils.metric import classification_table, competition_loss, long_to_wide, wide_to_long
-from kernel_utils.nifti_align import SegmentationMismatch, load_segmentation
-from kernel_utils.submission import SubmissionError, validate_submission, write_submission
-from kernel_utils.windowing import SEED002_WINDOWS, Window, window, window_slices
+from kernel_utils.submit.writer import SubmissionError, validate_submission, write_submission
 
 __all__ = [
     "DicomReadError", "SEED002_WINDOWS", "SegmentationMismatch", "Study", "SubmissionError", "Window",

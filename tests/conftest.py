@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kernel_utils.synthetic import make_dataset
+from kernel_utils.dev.synthetic import make_dataset
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 SMOKE_ARGS = dict(n_train=12, n_test=4, size=64, seed=0, difficulty=0.5)
@@ -37,7 +37,7 @@ def faulted_smoke(smoke_dir, tmp_path_factory) -> tuple[Path, pd.DataFrame]:
     """A copy of the smoke dataset with one of each dataset fault (`inject_data_faults`), and the list of them."""
     import shutil
 
-    from kernel_utils.fault_injection import inject_data_faults
+    from kernel_utils.dev.fault_injection import inject_data_faults
 
     out = tmp_path_factory.mktemp("faulted_smoke") / "data"
     shutil.copytree(smoke_dir, out)
@@ -66,7 +66,7 @@ def one_step_lowers_loss(model, x, target, evaluate_in_eval_mode: bool = False,
     """
     import torch
 
-    from kernel_utils.fracture_models import competition_bce
+    from kernel_utils.nets.fracture_nets import competition_bce
 
     torch.manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)

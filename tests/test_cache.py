@@ -10,11 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kernel_utils import cache as cache_mod
-from kernel_utils import load_study, npz_store
-from kernel_utils.cache import CacheSpec, build_cache, cache_dir, load_cached, read_entry, window_study
-from kernel_utils.dicom_io import Rescale
-from kernel_utils.windowing import (
+from kernel_utils import load_study
+from kernel_utils.io import cache as cache_mod
+from kernel_utils.io import cache_build, npz_store
+from kernel_utils.io.cache import CacheSpec, cache_dir, load_cached, read_entry, window_study
+from kernel_utils.io.cache_build import build_cache
+from kernel_utils.io.dicom_series import Rescale
+from kernel_utils.io.windowing import (
     SEED002_WINDOWS,
     SliceWindower,
     Window,
@@ -203,6 +205,6 @@ def test_corrupt_entry_is_rebuilt(smoke_dir, tmp_path):
 
 def test_bad_shard_is_a_clear_error():
     with pytest.raises(ValueError, match="k/n"):
-        cache_mod.parse_shard("2")
+        cache_build.parse_shard("2")
     with pytest.raises(ValueError, match="between 1 and n"):
-        cache_mod.parse_shard("3/2")
+        cache_build.parse_shard("3/2")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from kernel_utils.calibration import IDENTITY, apply_calibration, fit_calibration
+from kernel_utils.blend.calibration import IDENTITY, apply_calibration, fit_calibration
 from kernel_utils.metric import TARGETS
 
 
@@ -40,8 +40,9 @@ def test_identity_one_class_and_backwards_columns():
 
 
 def test_ensemble_calibrates_a_squashed_model_and_its_test_predictions():
-    from kernel_utils.baseline import cross_validate_prior, fit_prior, make_folds
-    from kernel_utils.ensemble import CALIBRATED, ensemble_with_prior
+    from kernel_utils.blend.ensemble import CALIBRATED, ensemble_with_prior
+    from kernel_utils.blend.prior import cross_validate_prior, fit_prior
+    from kernel_utils.folds import make_folds
 
     rng = np.random.default_rng(2)
     n = 600

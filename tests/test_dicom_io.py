@@ -11,8 +11,8 @@ from conftest import SMOKE_ARGS, dicom_files
 from pydicom.pixels import apply_rescale
 
 from kernel_utils import DicomReadError, load_study
-from kernel_utils.dicom_writer import SeriesGeometry, hu_to_stored, write_ct_slice
-from kernel_utils.synthetic import StudySpec, plan_dataset, render_study
+from kernel_utils.dev.dicom_writer import SeriesGeometry, hu_to_stored, write_ct_slice
+from kernel_utils.dev.synthetic import StudySpec, plan_dataset, render_study
 
 REAL = {"1.2.826.0.1.3680043.1476": "1.2.840.10008.1.2.1", "1.2.826.0.1.3680043.13203": "1.2.840.10008.1.2",
         "1.2.826.0.1.3680043.14267": "1.2.840.10008.1.2.4.70"}
@@ -44,7 +44,7 @@ def test_jpeg_lossless_decoders_agree(reference):
 
 
 def test_a_frame_imagecodecs_refuses_falls_back_to_dicomsdl(reference, monkeypatch):
-    import kernel_utils.dicom_io as dicom_io
+    import kernel_utils.io.dicom_io as dicom_io
 
     class Refusing:
         @staticmethod
@@ -119,7 +119,7 @@ def test_missing_folder_and_empty_folder(tmp_path):
 def test_study_larger_than_the_dataset_size(tmp_path):
     spec = StudySpec(uid="1.2.826.0.1.3680043.768", split="train", seed=(0, 0), rows=96, cols=96,
                      pixel_spacing=2.0, thickness=8.0, spacing=8.0, encoding="implicit_int16")
-    from kernel_utils.synthetic import write_study
+    from kernel_utils.dev.synthetic import write_study
 
     write_study(spec, str(tmp_path))
     study = load_study(tmp_path / "train_images" / spec.uid)

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from kernel_utils.ensemble import BLEND_ROW, BLEND_ROWS, SHARED_ROW, blend, compare, fit_weights, simplex_grid
+from kernel_utils.blend.ensemble import (
+    BLEND_ROW,
+    BLEND_ROWS,
+    SHARED_ROW,
+    blend,
+    compare,
+    fit_weights,
+    simplex_grid,
+)
 from kernel_utils.metric import TARGETS
 
 
@@ -45,7 +53,7 @@ def test_comparison_table_and_blend():
 
 
 def test_chosen_weights_follow_the_best_row():
-    from kernel_utils.ensemble import chosen_weights
+    from kernel_utils.blend.ensemble import chosen_weights
 
     per_label = np.tile([0.3, 0.7], (8, 1))
     per_label[0] = [0.9, 0.1]
@@ -63,9 +71,10 @@ def test_chosen_weights_follow_the_best_row():
 
 
 def test_ensemble_with_prior_compares_blends_and_predicts_the_test_studies():
-    from kernel_utils.baseline import cross_validate_prior, fit_prior, make_folds
-    from kernel_utils.calibration import apply_calibration
-    from kernel_utils.ensemble import CALIBRATED, ensemble_with_prior
+    from kernel_utils.blend.calibration import apply_calibration
+    from kernel_utils.blend.ensemble import CALIBRATED, ensemble_with_prior
+    from kernel_utils.blend.prior import cross_validate_prior, fit_prior
+    from kernel_utils.folds import make_folds
 
     labels, good, noise = _constructed()
     oof_prior, _ = cross_validate_prior(labels, make_folds(labels, 4))
@@ -86,7 +95,7 @@ def test_ensemble_with_prior_compares_blends_and_predicts_the_test_studies():
 
 
 def test_stage_timing_splits_data_from_model_time(monkeypatch):
-    import kernel_utils.submit as submit
+    import kernel_utils.submit.predict as submit
 
     now = [0.0]
     monkeypatch.setattr(submit.time, "perf_counter", lambda: now[0])

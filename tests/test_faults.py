@@ -21,12 +21,8 @@ import pytest
 import torch
 from conftest import dicom_files
 
-from kernel_utils import cache as cache_mod
 from kernel_utils import load_study
-from kernel_utils.cache import CacheSpec, build_cache, cache_dir, read_entry
-from kernel_utils.dicom_guard import checked_pixel_length
-from kernel_utils.dicom_io import DicomReadError
-from kernel_utils.fault_injection import (
+from kernel_utils.dev.fault_injection import (
     COMPRESSED,
     UNCOMPRESSED,
     add_stray_file,
@@ -38,9 +34,14 @@ from kernel_utils.fault_injection import (
     resize_slice,
     slice_files,
 )
-from kernel_utils.models import load_pretrained, read_weights
-from kernel_utils.npz_store import remove_orphan_temps
-from kernel_utils.pipeline import set_aside_previous_submission
+from kernel_utils.dev.pipeline import set_aside_previous_submission
+from kernel_utils.io import cache as cache_mod
+from kernel_utils.io.cache import CacheSpec, cache_dir, read_entry
+from kernel_utils.io.cache_build import build_cache
+from kernel_utils.io.dicom_guard import checked_pixel_length
+from kernel_utils.io.dicom_series import DicomReadError
+from kernel_utils.io.npz_store import remove_orphan_temps
+from kernel_utils.nets.backbones import load_pretrained, read_weights
 from kernel_utils.training import CheckpointError, TrainConfig, checkpoint_paths, fit, load_best
 
 NATIVE = CacheSpec(image_size=None)

@@ -9,23 +9,11 @@ import torch
 from conftest import one_step_lowers_loss
 from torch import nn
 
-from kernel_utils.fracture import (
-    FractureSettings,
-    cross_validate_fracture,
-    fit_patient_head,
-    labelled_slices,
-    slice_phase_config,
-    vertebra_samples,
-    with_patient_mode,
-)
-from kernel_utils.fracture_data import (
-    FractureDataset,
-    evenly_spaced,
-    slice_targets_of,
-    study_sequence,
-    vertebra_stacks,
-)
-from kernel_utils.fracture_models import (
+from kernel_utils.explain.gradcam import cam_box, iou, score_boxes, vertebra_gradcam
+from kernel_utils.metric import TARGETS, competition_loss
+from kernel_utils.nets import create_model
+from kernel_utils.nets.backbones import timm_backbone
+from kernel_utils.nets.fracture_nets import (
     SequenceEncoder,
     StudyCnnLstm,
     VertebraCnnLstm,
@@ -35,9 +23,22 @@ from kernel_utils.fracture_models import (
     vertebra_bce,
     vertebra_slice_loss,
 )
-from kernel_utils.gradcam import cam_box, iou, score_boxes, vertebra_gradcam
-from kernel_utils.metric import TARGETS, competition_loss
-from kernel_utils.models import create_model, timm_backbone
+from kernel_utils.stages.fracture import (
+    FractureSettings,
+    cross_validate_fracture,
+    fit_patient_head,
+    labelled_slices,
+    slice_phase_config,
+    vertebra_samples,
+    with_patient_mode,
+)
+from kernel_utils.stages.fracture_data import (
+    FractureDataset,
+    evenly_spaced,
+    slice_targets_of,
+    study_sequence,
+    vertebra_stacks,
+)
 from kernel_utils.training import checkpoint_paths
 
 
@@ -171,7 +172,7 @@ def test_slice_logits_come_with_the_vertebra_logit_and_the_auxiliary_loss_skips_
 
 
 def test_the_per_vertebra_form_trains_with_slice_targets_when_given(tmp_path, monkeypatch):
-    import kernel_utils.fracture as fracture
+    import kernel_utils.stages.fracture as fracture
 
     seen = []
 
@@ -341,7 +342,7 @@ def test_box_scoring():
 def test_planned_runs_key_extra_backbones_by_their_predictions():
     import pytest
 
-    from kernel_utils.fracture import planned_runs
+    from kernel_utils.stages.fracture import planned_runs
 
     runs = planned_runs("smoke", "vertebra, study", {"vertebra": "", "study": "resnet10t"}, {}, "resnet10t,resnet14t",
                         "a.pt,b.pt")

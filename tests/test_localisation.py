@@ -6,25 +6,27 @@ import numpy as np
 import pytest
 import torch
 
-from kernel_utils.localisation import (
+from kernel_utils.dev.synthetic import plan_dataset, render_study
+from kernel_utils.nets import create_model
+from kernel_utils.stages.localisation import (
     LocalisationSettings,
+    accuracy_table,
+    drop_islands,
+    localise_study,
+    segment,
+)
+from kernel_utils.stages.localisation_data import (
     SliceDataset,
     VolumeDataset,
-    accuracy_table,
     bce_loss,
     best_possible_dice,
     dice_ce_loss,
     dice_per_vertebra,
-    drop_islands,
-    localise_study,
     mask_to_cube,
     probabilities_to_grid,
-    segment,
     to_cube,
 )
-from kernel_utils.models import create_model
-from kernel_utils.synthetic import plan_dataset, render_study
-from kernel_utils.vertebra_targets import enforce_order, ranges_from_presence, slice_targets
+from kernel_utils.stages.vertebra_targets import enforce_order, ranges_from_presence, slice_targets
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +179,7 @@ def _ordered_study(rng, length: int = 4):
 
 
 def test_the_sequence_head_tells_alike_slices_apart_by_their_order():
-    from kernel_utils.models import SliceSequenceHead
+    from kernel_utils.nets.localisation_nets import SliceSequenceHead
 
     rng = np.random.default_rng(0)
     head = SliceSequenceHead(6, hidden=16, dropout=0.0)
@@ -201,7 +203,7 @@ def test_the_sequence_head_tells_alike_slices_apart_by_their_order():
 def test_range_errors_and_the_better_source_first():
     import pandas as pd
 
-    from kernel_utils.localisation import range_errors, range_table
+    from kernel_utils.stages.localisation import range_errors, range_table
 
     truth = {k: (10 * k, 10 * k + 8) for k in range(1, 8)}
     close = {k: (10 * k + 1, 10 * k + 8) for k in range(1, 8)}

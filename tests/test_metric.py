@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kernel_utils.baseline import cross_validate_prior, fit_prior, make_folds, predict_constant
+from kernel_utils.blend.prior import cross_validate_prior, fit_prior, predict_constant
+from kernel_utils.dev.run_summary import ranking_scores
+from kernel_utils.folds import make_folds
 from kernel_utils.metric import TARGETS, classification_table, competition_loss, long_to_wide, wide_to_long
-from kernel_utils.run_summary import ranking_scores
 
 
 def _table(uids, rows):

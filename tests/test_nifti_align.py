@@ -11,8 +11,8 @@ import pytest
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
 from kernel_utils import SegmentationMismatch, load_segmentation, load_study
-from kernel_utils.nifti_align import align_segmentation
-from kernel_utils.synthetic import StudySpec, render_study, write_study
+from kernel_utils.dev.synthetic import StudySpec, render_study, write_study
+from kernel_utils.io.nifti_align import align_segmentation
 
 
 def test_competition_files_align_with_the_truth(smoke_dir):

@@ -9,9 +9,9 @@ import pandas as pd
 import papermill as pm
 import pytest
 
-from kernel_utils.fault_injection import checkpoint_fault_paths, inject_checkpoint_faults
+from kernel_utils.dev.fault_injection import checkpoint_fault_paths, inject_checkpoint_faults
+from kernel_utils.dev.run_summary import format_summary, run_summary
 from kernel_utils.metric import competition_loss, long_to_wide
-from kernel_utils.run_summary import format_summary, run_summary
 
 EXTRA_BACKBONE = "resnet10t"  # a second per-vertebra model, beside the smoke profile's EfficientNetV2
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -124,15 +124,16 @@ def test_kaggle_bundle_runs_alone(executed, work_dir, faulted_smoke, tmp_path):
     import subprocess
     import sys
 
-    from kernel_utils.bundle import make_bundle
-    from kernel_utils.submission import validate_submission
+    from kernel_utils.dev.bundle import make_bundle
+    from kernel_utils.submit.writer import validate_submission
 
     out = make_bundle(work_dir, tmp_path / "kaggle")
     dataset = out / "dataset"
     assert (dataset / "work" / "predictions" / "ensemble.json").exists()
+    assert (dataset / "kernel_utils" / "submit").is_dir() and not (dataset / "kernel_utils" / "dev").exists()
     assert list((dataset / "work").rglob("*_best.pt"))
     assert json.loads((out / "kernel" / "kernel-metadata.json").read_text())["enable_internet"] is False
-    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import kernel_utils.submit, kernel_utils; "
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import kernel_utils.submit.predict, kernel_utils; "
              "print(kernel_utils.__file__)")
     found = subprocess.run([sys.executable, "-c", probe, str(dataset)], capture_output=True, text=True, check=True)
     assert found.stdout.strip().startswith(str(dataset))

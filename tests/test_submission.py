@@ -9,11 +9,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kernel_utils.baseline import predict_constant
-from kernel_utils.cache import CacheSpec, build_cache
-from kernel_utils.inference import list_test_studies, predict_studies
+from kernel_utils.blend.prior import predict_constant
+from kernel_utils.io.cache import CacheSpec
+from kernel_utils.io.cache_build import build_cache
 from kernel_utils.metric import TARGETS
-from kernel_utils.submission import SubmissionError, submission_problems, validate_submission, write_submission
+from kernel_utils.submit.test_studies import list_test_studies, predict_studies
+from kernel_utils.submit.writer import (
+    SubmissionError,
+    submission_problems,
+    validate_submission,
+    write_submission,
+)
 
 PRIOR = dict(zip(TARGETS, [0.07, 0.14, 0.04, 0.05, 0.08, 0.14, 0.19, 0.48], strict=True))
 

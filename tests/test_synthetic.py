@@ -11,13 +11,7 @@ import pydicom
 import pytest
 from conftest import SMOKE_ARGS, dicom_files
 
-from kernel_utils.synthetic import (
-    QUIRKS,
-    REAL_RATES,
-    make_dataset,
-    plan_dataset,
-    render_study,
-)
+from kernel_utils.dev.synthetic import QUIRKS, REAL_RATES, make_dataset, plan_dataset, render_study
 
 
 def test_csv_schemas_equal_the_real_files(smoke_dir, reference):

@@ -10,9 +10,10 @@ import pytest
 import torch
 from conftest import one_step_lowers_loss
 
-from kernel_utils.fracture_data import evenly_spaced
-from kernel_utils.models import create_model
-from kernel_utils.vit import ViTSettings, occlusion_map, study_volume, vertebra_volume
+from kernel_utils.explain.occlusion import occlusion_map
+from kernel_utils.nets import create_model
+from kernel_utils.stages.fracture_data import evenly_spaced
+from kernel_utils.stages.vit import ViTSettings, study_volume, vertebra_volume
 
 
 @pytest.mark.parametrize("profile", ["smoke", "demo"])
@@ -24,7 +25,7 @@ def test_forward_shapes(profile):
 
 
 def test_stem_keeps_the_token_grid():
-    from kernel_utils.vit import ViTClassifier
+    from kernel_utils.nets.vit3d import ViTClassifier
 
     plain = ViTClassifier(3, (14, 32, 32), (7, 16, 16), 32, 1, 2, 0.0, stem=())
     stemmed = ViTClassifier(3, (14, 32, 32), (7, 16, 16), 32, 1, 2, 0.0, stem=(8, 16))
@@ -99,7 +100,7 @@ def test_occlusion_finds_the_region_the_model_reads():
 
 
 def test_each_vertebra_logit_sees_only_its_own_block():
-    from kernel_utils.vit import ViTClassifier
+    from kernel_utils.nets.vit3d import ViTClassifier
 
     torch.manual_seed(0)
     model = ViTClassifier(3, (14, 32, 32), (2, 16, 16), 32, 1, 2, 0.0, stem=(8, 16), encode="vertebra").eval()
@@ -118,7 +119,7 @@ def test_each_vertebra_logit_sees_only_its_own_block():
 
 
 def test_vertebra_samples_split_a_volume_into_its_blocks():
-    from kernel_utils.fracture import vertebra_samples
+    from kernel_utils.stages.fracture import vertebra_samples
 
     volume = np.repeat(np.arange(14, dtype=np.uint8), 4).reshape(1, 14, 2, 2).repeat(3, axis=0)  # depth index
     targets = np.array([[0, 0, 1, 0, 0, 0, 0, 1]], dtype=np.float32)

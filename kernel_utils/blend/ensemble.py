@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kernel_utils.baseline import make_folds, predict_constant
-from kernel_utils.calibration import apply_calibration, fit_calibration
+from kernel_utils.blend.calibration import apply_calibration, fit_calibration
+from kernel_utils.blend.prior import predict_constant
+from kernel_utils.folds import make_folds
 from kernel_utils.metric import NEGATIVE_WEIGHTS, NORMALIZATIONS, POSITIVE_WEIGHTS, TARGETS, competition_loss
 
 EPS = 1e-15

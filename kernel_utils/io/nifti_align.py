@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
-from kernel_utils.dicom_io import SeriesInfo
+from kernel_utils.io.dicom_series import SeriesInfo
 
 log = logging.getLogger(__name__)
 STUDY_AXCODES = ("I", "P", "L")  # Study.hu axes: decreasing z, increasing DICOM row (y), increasing column (x)

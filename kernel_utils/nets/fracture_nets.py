@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernel_utils.models import register, timm_backbone
+from kernel_utils.nets.backbones import timm_backbone
+from kernel_utils.nets.registry import register
 from kernel_utils.training import TrainConfig
 
 POSITIVE_WEIGHTS = torch.tensor([2.0] * 7 + [14.0])

@@ -148,7 +148,7 @@ def gradcam_figure(model: nn.Module, x: np.ndarray, meta: dict, images: np.ndarr
                    true_boxes: pd.DataFrame, channel: int = 1):
     """Figure of the sampled slice of `vertebra` with the strongest Grad-CAM (one with a true box when there is
     one): heatmap over the vertebra's crop, the predicted box in red, the true boxes in green."""
-    from kernel_utils.figures import plot_fracture_boxes
+    from kernel_utils.explain.figures import plot_fracture_boxes
 
     cams = vertebra_gradcam(model, torch.from_numpy(x).float() / 255.0, vertebra)
     used = meta["used"][vertebra - 1]

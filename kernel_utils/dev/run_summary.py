@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kernel_utils.baseline import fit_prior, predict_constant
-from kernel_utils.ensemble import CALIBRATED, load_predictions
+from kernel_utils.blend.ensemble import CALIBRATED, load_predictions
+from kernel_utils.blend.prior import fit_prior, predict_constant
 from kernel_utils.metric import TARGETS, VERTEBRAE, auc_or_nan, competition_loss, long_to_wide
 
 

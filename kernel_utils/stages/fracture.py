@@ -19,9 +19,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kernel_utils.baseline import make_folds
-from kernel_utils.cache import CacheSpec, iter_cached
-from kernel_utils.fracture_data import (
+from kernel_utils.folds import make_folds
+from kernel_utils.io.cache import CacheSpec, iter_cached
+from kernel_utils.metric import NORMALIZATIONS, TARGETS, competition_loss
+from kernel_utils.nets import create_model
+from kernel_utils.nets.fracture_nets import (
+    SliceFracture,
+    batch_loss,
+    vertebra_batch_loss,
+    vertebra_bce,
+    vertebra_slice_loss,
+)
+from kernel_utils.stages.fracture_data import (
     FractureDataset,
     crop_box_on_cache,
     study_sequence,
@@ -29,15 +38,6 @@ from kernel_utils.fracture_data import (
     targets_of,
     vertebra_stacks,
 )
-from kernel_utils.fracture_models import (
-    SliceFracture,
-    batch_loss,
-    vertebra_batch_loss,
-    vertebra_bce,
-    vertebra_slice_loss,
-)
-from kernel_utils.metric import NORMALIZATIONS, TARGETS, competition_loss
-from kernel_utils.models import create_model
 from kernel_utils.training import (
     TrainConfig,
     atomic_save,

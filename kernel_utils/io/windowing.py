@@ -51,7 +51,7 @@ class SliceWindower:
 
     The packed table is indexed by the int16 bit pattern (a uint16 view), so no widened copy of the slice
     is made; one table look-up gives every channel, one area resize shrinks them together. Given a file's
-    `rescale` (see `kernel_utils.dicom_io.Rescale`), the slice may be the stored values as read: the rescale is
+    `rescale` (see `kernel_utils.io.dicom_io.Rescale`), the slice may be the stored values as read: the rescale is
     folded into the table (built once per rescale), so no HU slice is ever made. The look-up's output buffer is
     reused from call to call: one windower per thread.
     """

@@ -1,6 +1,6 @@
 """A synthetic RSNA 2022 dataset in the exact competition layout, with ground truth beside it.
 
-    python -m kernel_utils.synthetic --out DIR --train 40 --test 10 --size 128 --seed 0 [--difficulty 0.5]
+    python -m kernel_utils.dev.synthetic --out DIR --train 40 --test 10 --size 128 --seed 0 [--difficulty 0.5]
 
 writes `train.csv`, `test.csv`, `sample_submission.csv`, `train_bounding_boxes.csv`, `train_images/<uid>/<n>.dcm`,
 `test_images/...`, `segmentations/<uid>.nii` and `_truth/` (per-study labels, fractures, quirks; test labels).
@@ -23,8 +23,14 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from kernel_utils.dicom_writer import ENCODINGS, SeriesGeometry, hu_to_stored, stored_to_hu, write_ct_slice
-from kernel_utils.phantom import Patient, render_slice, sample_patient
+from kernel_utils.dev.dicom_writer import (
+    ENCODINGS,
+    SeriesGeometry,
+    hu_to_stored,
+    stored_to_hu,
+    write_ct_slice,
+)
+from kernel_utils.dev.phantom import Patient, render_slice, sample_patient
 
 VERTEBRAE = [f"C{i}" for i in range(1, 8)]
 TARGETS = VERTEBRAE + ["patient_overall"]

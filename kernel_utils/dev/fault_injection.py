@@ -1,7 +1,7 @@
 """Faults of real data, injected into a synthetic dataset: cut DICOM files, stray and odd-sized slices, slices
 without a position, segmentations that do not fit, corrupt checkpoints, pretrained files that would run code.
 
-`inject_data_faults` puts one of each dataset fault into a dataset made by `kernel_utils.synthetic`, each in a study
+`inject_data_faults` puts one of each dataset fault into a dataset made by `kernel_utils.dev.synthetic`, each in a study
 of its own where the dataset has enough, and returns what it did; `benchmarks/faults.py` and `tests/test_faults.py`
 then run the kit on it and check that no single bad file ends a run, loses a study or runs code.
 """
@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 
-from kernel_utils.dicom_writer import ENCODINGS
+from kernel_utils.dev.dicom_writer import ENCODINGS
 
 APPLEDOUBLE_MAGIC = b"\x00\x05\x16\x07\x00\x02\x00\x00"  # what macOS writes as `._<name>` beside a copied file
 UNCOMPRESSED = tuple(name for name, (syntax, *_) in ENCODINGS.items() if not syntax.is_compressed)
@@ -173,7 +173,7 @@ def inject_data_faults(data_dir: str | os.PathLike) -> pd.DataFrame:
 def checkpoint_fault_paths(work_dir: str | os.PathLike, profile: str) -> list[Path]:
     """Where an earlier run, killed or half copied, would leave notebook 03's per-vertebra checkpoints: its fold 0
     `_last.pt` and its fold 1 `_best.pt` (names from the profile's settings, as the notebook derives them)."""
-    from kernel_utils.fracture import FractureSettings
+    from kernel_utils.stages.fracture import FractureSettings
     from kernel_utils.training import checkpoint_paths
 
     cfg = FractureSettings.for_profile(profile, "vertebra").cfg

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.patches import Rectangle
 
-from kernel_utils.windowing import SEED002_WINDOWS, Window, window
+from kernel_utils.io.windowing import SEED002_WINDOWS, Window, window
 
 log = logging.getLogger(__name__)
 LABEL_CMAP = plt.get_cmap("tab20", 20)

@@ -1,11 +1,12 @@
 """`make kaggle-bundle`: a folder ready for `kaggle datasets create` and `kaggle kernels push`.
 
-    python -m kernel_utils.bundle --work-dir work --out dist/kaggle [--wheels] [--owner USER]
+    python -m kernel_utils.dev.bundle --work-dir work --out dist/kaggle [--wheels] [--owner USER]
 
 dist/kaggle/dataset/: kernel_utils, the trained weights and configs (`work/`), `requirements-kaggle.txt`, the wheels
 for an offline install (with --wheels, downloaded now for the Kaggle image's Python), `dataset-metadata.json`.
 dist/kaggle/kernel/: `submission.ipynb` (installs from the attached wheels when it finds /kaggle/input, then runs
-`kernel_utils.submit.predict_test`) and `kernel-metadata.json` (competition source, internet off, GPU on).
+`kernel_utils.submit.predict.predict_test`) and `kernel-metadata.json` (competition source, internet off, GPU
+on). The bundle's kernel_utils leaves out dev/ (the synthetic data and the runners).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import nbformat
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]  # kernel_utils; its dev/ stays behind
 COMPETITION = "rsna-2022-cervical-spine-fracture-detection"
 # What the Kaggle image lacks (it has torch, torchvision, numpy, pandas, scikit-learn, opencv, matplotlib, tqdm).
 KAGGLE_REQUIREMENTS = ["pydicom==3.0.2", "python-gdcm==3.2.6", "dicomsdl==0.109.4", "pylibjpeg==2.1.0",
@@ -27,6 +28,12 @@ KAGGLE_REQUIREMENTS = ["pydicom==3.0.2", "python-gdcm==3.2.6", "dicomsdl==0.109.
                        "accelerate==1.15.0"]
 WEIGHT_PATTERNS = ("models/**/*_best.pt", "models/**/*_config.json", "localisation/models/*_best.pt",
                    "localisation/models/*_config.json", "localisation/localisation.json", "predictions/*.json")
+
+
+def _not_shipped(folder: str, names: list[str]) -> list[str]:
+    """What the bundle leaves out of kernel_utils: byte code, and dev/ (synthetic data, runners) at its top."""
+    top = Path(folder) == PACKAGE
+    return [n for n in names if n == "__pycache__" or n.endswith(".pyc") or (top and n == "dev")]
 
 
 def copy_weights(work_dir: Path, dest: Path) -> list[Path]:
@@ -74,8 +81,8 @@ def submission_notebook(slug: str) -> nbformat.NotebookNode:
             '                   check=True)\n'
             "sys.path.insert(0, str(bundle))\n"
             "from kernel_utils.config import resolve_data_dir, resolve_work_dir\n"
-            "from kernel_utils.submit import predict_test\n"
-            "from kernel_utils.submission import validate_submission\n\n"
+            "from kernel_utils.submit.predict import predict_test\n"
+            "from kernel_utils.submit.writer import validate_submission\n\n"
             "data_dir, work_dir = resolve_data_dir(DATA_DIR), resolve_work_dir(WORK_DIR)\n"
             'shutil.copytree(bundle / "work", work_dir, dirs_exist_ok=True)'),
         nbformat.v4.new_code_cell(
@@ -94,7 +101,7 @@ def make_bundle(work_dir: str | Path, out: str | Path, owner: str = "your-kaggle
     work_dir, out = Path(work_dir), Path(out)
     dataset, kernel = out / "dataset", out / "kernel"
     shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(PACKAGE, dataset / "kernel_utils", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(PACKAGE, dataset / "kernel_utils", ignore=_not_shipped)
     copy_weights(work_dir, dataset / "work")
     (dataset / "requirements-kaggle.txt").write_text("\n".join(KAGGLE_REQUIREMENTS) + "\n")
     if wheels:

@@ -1,7 +1,7 @@
 """`make run`: synthetic data when no data folder is given, every notebook in order through papermill,
 then submission.csv checked against test.csv.
 
-    python -m kernel_utils.pipeline --work-dir work --profile demo [--data-dir DIR] [--only 01,05]
+    python -m kernel_utils.dev.pipeline --work-dir work --profile demo [--data-dir DIR] [--only 01,05]
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 from kernel_utils.config import get_profile, resolve_work_dir
-from kernel_utils.run_summary import format_summary, run_summary
-from kernel_utils.submission import validate_submission
-from kernel_utils.synthetic import make_dataset
+from kernel_utils.dev.run_summary import format_summary, run_summary
+from kernel_utils.dev.synthetic import make_dataset
+from kernel_utils.submit.writer import validate_submission
 
-NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 
 
 def notebooks(only: list[str] | None = None) -> list[Path]:

@@ -18,15 +18,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kernel_utils.cache import CacheSpec, build_cache, iter_cached
-from kernel_utils.calibration import apply_calibration
-from kernel_utils.ensemble import blend
-from kernel_utils.fracture import FractureSettings, build_inputs, load_fold_models, predict_fracture
-from kernel_utils.localisation import LocalisationSettings, load_localisation_models, localise_all
+from kernel_utils.blend.calibration import apply_calibration
+from kernel_utils.blend.ensemble import blend
+from kernel_utils.io.cache import CacheSpec, iter_cached
+from kernel_utils.io.cache_build import build_cache
 from kernel_utils.metric import TARGETS
-from kernel_utils.submission import write_submission
+from kernel_utils.stages.fracture import FractureSettings, build_inputs, load_fold_models, predict_fracture
+from kernel_utils.stages.localisation import LocalisationSettings, load_localisation_models, localise_all
+from kernel_utils.stages.vit import ViTSettings, build_volumes
+from kernel_utils.submit.writer import write_submission
 from kernel_utils.training import TrainConfig
-from kernel_utils.vit import ViTSettings, build_volumes
 
 log = logging.getLogger(__name__)
 HIDDEN_TEST_STUDIES = 1500
@@ -54,7 +55,7 @@ def save_ensemble(work_dir: str | os.PathLike, names: list[str], weights: np.nda
 
 def ensemble_cache_spec(meta: dict) -> CacheSpec:
     """The cache spec notebook 05 recorded in `predictions/ensemble.json` (what the models were trained on)."""
-    from kernel_utils.windowing import Window
+    from kernel_utils.io.windowing import Window
 
     c = meta["cache"]
     return CacheSpec(windows=tuple(Window(*w) for w in c["windows"]), image_size=c["image_size"], crop=c["crop"],
@@ -123,7 +124,7 @@ def predict_test(data_dir: str | os.PathLike, work_dir: str | os.PathLike, out_p
                                        "data_share": timing.data_share(), "projected_hours":
                                        HIDDEN_TEST_STUDIES * float(table.total.sum()) / 3600}, indent=1))
     uids = next(iter(tests.values())).StudyInstanceUID if tests else pd.Series(studies)
-    from kernel_utils.baseline import predict_constant
+    from kernel_utils.blend.prior import predict_constant
 
     prior = predict_constant(meta["prior"], uids)
     ordered = [tests.get(n, prior) for n in meta["models"]]  # a model not run has no weight
@@ -210,7 +211,7 @@ def _localise_test(data_dir: Path, work_dir: Path, spec: CacheSpec, timing: Stag
 
 
 def _channels(settings, inputs) -> int:
-    from kernel_utils.fracture import in_channels
+    from kernel_utils.stages.fracture import in_channels
 
     return in_channels(settings, inputs)
 

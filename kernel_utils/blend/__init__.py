@@ -1,0 +1,1 @@
+"""Blending the models: the prior, the weight searches, calibration (05)."""

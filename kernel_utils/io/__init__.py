@@ -1,0 +1,1 @@
+"""Reading the competition data: DICOM to HU to windowed slices, NIfTI alignment, the npz cache."""

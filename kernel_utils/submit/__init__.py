@@ -1,0 +1,1 @@
+"""Test inference, the submission writer, and which test studies can be predicted."""
