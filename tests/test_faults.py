@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import dicom_files
+from test_training import Toy, mse
 
 from kernel_utils import load_study
 from kernel_utils.dev.fault_injection import (
@@ -196,40 +197,23 @@ def test_a_flipped_bit_is_not_reported_as_cached_and_orphan_temps_are_cleaned(sm
 CFG = TrainConfig(stage="toy", model="linear", epochs=3, batch_size=16, lr=1e-2, patience=5)
 
 
-class _Toy(torch.utils.data.Dataset):
-    def __init__(self):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(64, 4, generator=g)
-        self.y = self.x @ torch.tensor([[1.0], [-2.0], [0.5], [0.0]])
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"image": self.x[i], "target": self.y[i]}
-
-
-def _mse(out, batch):
-    return torch.nn.functional.mse_loss(out, batch["target"])
-
-
 def test_a_garbage_last_checkpoint_is_a_run_with_nothing_to_resume(tmp_path):
     best, last = checkpoint_paths(tmp_path, CFG, 0)
     garbage_file(last)
-    history = fit(torch.nn.Linear(4, 1), _Toy(), _Toy(), _mse, CFG, tmp_path, progress=False)
+    history = fit(torch.nn.Linear(4, 1), Toy(), Toy(), mse, CFG, tmp_path, progress=False)
     assert history.epoch.tolist() == [0, 1, 2]
     assert last.with_name(last.name + ".corrupt").exists()
     load_best(torch.nn.Linear(4, 1), tmp_path, CFG, 0)
 
 
 def test_a_half_best_checkpoint_retrains_its_fold_and_inference_names_the_file(tmp_path):
-    fit(torch.nn.Linear(4, 1), _Toy(), _Toy(), _mse, CFG, tmp_path, progress=False)
+    fit(torch.nn.Linear(4, 1), Toy(), Toy(), mse, CFG, tmp_path, progress=False)
     best, last = checkpoint_paths(tmp_path, CFG, 0)
     half_file(best)
     with pytest.raises(CheckpointError, match=best.name) as error:
         load_best(torch.nn.Linear(4, 1), tmp_path, CFG, 0)
     assert "rerun the notebook" in str(error.value)
-    history = fit(torch.nn.Linear(4, 1), _Toy(), _Toy(), _mse, CFG, tmp_path, progress=False)
+    history = fit(torch.nn.Linear(4, 1), Toy(), Toy(), mse, CFG, tmp_path, progress=False)
     assert history.epoch.tolist() == [0, 1, 2]  # trained again, not resumed past its lost best epoch
     load_best(torch.nn.Linear(4, 1), tmp_path, CFG, 0)
     with pytest.raises(CheckpointError, match="not found"):
