@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kernel_utils import training
-from kernel_utils.training import TrainConfig, checkpoint_paths, fit, load_best, loader_workers
+from kernel_utils.training import TrainConfig, checkpoint_paths, fit, load_best, load_checkpoint, loader_workers
 
 CFG = TrainConfig(stage="toy", model="linear", epochs=4, batch_size=8, lr=1e-2, patience=10, mixed_precision="no")
 
@@ -61,7 +61,7 @@ def test_an_interrupted_run_resumes_where_it_stopped_and_a_finished_one_is_skipp
         fit(torch.nn.Linear(4, 1), Toy(), Toy(), interrupted, CFG, tmp_path, progress=False)
     best, last = checkpoint_paths(tmp_path, CFG, 0)
     assert best.exists() and last.exists()
-    assert torch.load(last, weights_only=False)["epoch"] == 1
+    assert load_checkpoint(last)["epoch"] == 1
 
     calls["n"] = 0
 
