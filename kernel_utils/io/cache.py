@@ -23,7 +23,7 @@ import numpy as np
 
 from kernel_utils.io.dicom_io import scan_study
 from kernel_utils.io.dicom_series import SliceHeader, in_head_first_order, list_slices
-from kernel_utils.io.nifti_align import align_segmentation
+from kernel_utils.io.nifti_align import segmentation_and_note
 from kernel_utils.io.npz_store import atomic_write_bytes, fast_zip_crc, write_npz_atomic
 from kernel_utils.io.windowing import (
     OTSU_STEP,
@@ -150,8 +150,8 @@ def window_study(study_dir: str | os.PathLike, spec: CacheSpec, segmentation_pat
         "spacing": np.array([dz, dy * (y1 - y0) / out_h, dx * (x1 - x0) / out_w]),
         "original_shape": np.array(info.shape), "crop_box": np.array(box), "xy": info.xy,
     }
-    warnings = list(info.warnings)
-    mask = _aligned_mask(segmentation_path, info, warnings)
+    mask, note = segmentation_and_note(segmentation_path, info)
+    warnings = [*info.warnings, note] if note else list(info.warnings)
     if mask is not None:
         mask = mask[:, y0:y1, x0:x1]
         arrays["mask"] = resize_slices(mask, out_h, nearest=True) if side else mask
@@ -163,19 +163,11 @@ def window_study(study_dir: str | os.PathLike, spec: CacheSpec, segmentation_pat
     return arrays
 
 
-def _aligned_mask(segmentation_path, info, warnings: list[str]) -> np.ndarray | None:
-    """The study's segmentation on its grid, or None (no file, or one that does not fit: the images are kept)."""
-    if segmentation_path is None or not Path(segmentation_path).exists():
-        return None
-    try:
-        mask, note = align_segmentation(segmentation_path, info)
-    except Exception as e:  # a mask that does not fit, or a file nibabel cannot read: the images stay usable
-        note = f"{segmentation_path}: not used, the study is kept without a mask ({type(e).__name__}: {e})"
-        mask = None
-    if note:
-        log.warning(note)
-        warnings.append(note)
-    return mask
+def failing_member(path: Path) -> str | None:
+    """The first member of an npz whose bytes fail their CRC check, or None (np.load checks no CRC: a flipped byte
+    would be served); the zipfile errors of an unreadable file propagate."""
+    with fast_zip_crc(), zipfile.ZipFile(path) as z:
+        return z.testzip()
 
 
 def is_verified(path: Path) -> bool:
@@ -183,8 +175,7 @@ def is_verified(path: Path) -> bool:
     if not is_complete(path):
         return False
     try:
-        with fast_zip_crc(), zipfile.ZipFile(path) as z:
-            return z.testzip() is None
+        return failing_member(path) is None
     except (OSError, zipfile.BadZipFile, EOFError, ValueError):
         return False
 
@@ -202,8 +193,7 @@ def is_complete(path: Path) -> bool:
 def read_entry(path: Path) -> dict[str, np.ndarray]:
     """Load every array of an entry (CRC-checked); CacheEntryCorrupt if it cannot be read."""
     try:
-        with fast_zip_crc(), zipfile.ZipFile(path) as z:  # np.load does not check CRCs: a flipped byte would be served
-            bad = z.testzip()
+        bad = failing_member(path)
         if bad is not None:
             raise CacheEntryCorrupt(f"{path}: member {bad} fails its CRC check")
         with np.load(path, allow_pickle=False) as npz:

@@ -43,15 +43,24 @@ def load_segmentation(nii_path: str | os.PathLike, study: SeriesInfo, tolerance:
     return labels
 
 
-def segmentation_or_none(nii_path: str | os.PathLike, study: SeriesInfo) -> np.ndarray | None:
+def segmentation_or_none(nii_path: str | os.PathLike | None, study: SeriesInfo) -> np.ndarray | None:
     """`load_segmentation`, or None when the file is absent or cannot be aligned with the study (logged)."""
-    if not os.path.exists(nii_path):
-        return None
+    return segmentation_and_note(nii_path, study)[0]
+
+
+def segmentation_and_note(nii_path: str | os.PathLike | None, study: SeriesInfo) -> tuple[np.ndarray | None, str]:
+    """(labels on the study's grid or None, what was logged about them): `align_segmentation` that never raises.
+    No file: (None, ""); a mask that does not fit, or a file nibabel cannot read: (None, why), the study's images
+    stay usable."""
+    if nii_path is None or not os.path.exists(nii_path):
+        return None, ""
     try:
-        return load_segmentation(nii_path, study)
-    except Exception as e:  # a mask that does not fit, or a file nibabel cannot read
-        log.warning("%s: not used (%s: %s)", nii_path, type(e).__name__, e)
-        return None
+        labels, note = align_segmentation(nii_path, study)
+    except Exception as e:
+        labels, note = None, f"{nii_path}: not used, the study is kept without a mask ({type(e).__name__}: {e})"
+    if note:
+        log.warning(note)
+    return labels, note
 
 
 def align_segmentation(nii_path: str | os.PathLike, study: SeriesInfo,
