@@ -12,7 +12,6 @@ windowing, reading and cropping the cache) and models (loading weights, running 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from kernel_utils.blend.ensemble import BLEND_ROWS, CALIBRATED, MEAN_ROW
 from kernel_utils.config import get_profile
 from kernel_utils.dev.pipeline import ensure_synthetic, run
 from kernel_utils.io.cache import cache_dir
+from kernel_utils.layout import WorkLayout, read_json
 from kernel_utils.submit.predict import (
     HIDDEN_TEST_STUDIES,
     KAGGLE_LIMIT_HOURS,
@@ -36,8 +36,8 @@ BLENDS = (MEAN_ROW, *BLEND_ROWS)
 
 def ensemble_figures(work_dir: Path) -> dict:
     """Out-of-fold competition loss of every row of notebook 05's table, the chosen blend and the best model."""
-    table = pd.read_csv(work_dir / "predictions" / "ensemble_table.csv", index_col="model")
-    meta = json.loads((work_dir / "predictions" / "ensemble.json").read_text())
+    table = pd.read_csv(WorkLayout(work_dir).ensemble_table, index_col="model")
+    meta = read_json(WorkLayout(work_dir).ensemble_meta)
     singles = table.drop(index=[i for i in table.index if i in BLENDS or i.endswith(CALIBRATED)])
     best = singles.loss_study.idxmin()
     blends = [row for row in BLEND_ROWS if row in table.index]
@@ -63,17 +63,17 @@ def main(argv: list[str] | None = None) -> dict:
     work_dir = Path(args.work_dir or ROOT / ".data" / f"pipeline_{profile.name}")
     work_dir.mkdir(parents=True, exist_ok=True)
     pipeline_seconds = None
-    if args.rerun or not (work_dir / "predictions" / "ensemble.json").exists():
+    if args.rerun or not WorkLayout(work_dir).ensemble_meta.exists():
         start = time.perf_counter()
         run(None, work_dir, profile.name)
         pipeline_seconds = time.perf_counter() - start
     data_dir = ensure_synthetic(work_dir, profile.name)
-    meta = json.loads((work_dir / "predictions" / "ensemble.json").read_text())
+    meta = read_json(WorkLayout(work_dir).ensemble_meta)
     folder = cache_dir(work_dir, ensemble_cache_spec(meta))
     for study in (data_dir / "test_images").iterdir():  # time loading too: the kernel starts with no cache
         (folder / f"{study.name}.npz").unlink(missing_ok=True)
     predict_test(data_dir, work_dir, work_dir / "benchmark_submission.csv", workers=profile.workers, all_models=True)
-    timing = json.loads((work_dir / "predictions" / "inference_timing.json").read_text())
+    timing = read_json(WorkLayout(work_dir).inference_timing)
     per_study = sum(stage["total"] for stage in timing["per_study_seconds"].values())
     where = "gpu" if torch.cuda.is_available() else "cpu"
     result = {"profile": profile.name, "pipeline_seconds": pipeline_seconds, "ensemble": ensemble_figures(work_dir),

@@ -36,27 +36,20 @@ from kernel_utils.explain.gradcam import boxes_for_studies, score_boxes
 from kernel_utils.folds import make_folds
 from kernel_utils.io.cache import iter_cached, profile_cache_spec
 from kernel_utils.io.windowing import resize_slices
+from kernel_utils.layout import WorkLayout, write_csv
 from kernel_utils.metric import NORMALIZATIONS, TARGETS, VERTEBRAE, competition_loss
-from kernel_utils.stages.fracture import (
-    FractureSettings,
-    build_inputs,
-    cross_validate_fracture,
-    in_channels,
-    load_fold_models,
-    predict_fracture,
-    save_predictions,
-)
+from kernel_utils.stages.fracture import cross_validate_fracture, load_fold_models, predict_fracture, save_predictions
 from kernel_utils.stages.fracture_data import slice_targets_of
-from kernel_utils.stages.localisation import (
-    LocalisationSettings,
-    best_range_source,
-    cross_validate,
+from kernel_utils.stages.inputs import build_inputs
+from kernel_utils.stages.localisation import best_range_source, cross_validate
+from kernel_utils.stages.localisation_settings import LocalisationSettings
+from kernel_utils.stages.stage import FORMS
+from kernel_utils.stages.vertebra_localiser import (
     load_localisation_models,
     localise_all,
     localise_study,
     write_localisation,
 )
-from kernel_utils.stages.vit import ViTSettings, build_volumes
 
 
 def truth_localisation(data_dir, work_dir, spec) -> None:
@@ -70,32 +63,31 @@ def truth_localisation(data_dir, work_dir, spec) -> None:
                                        None, "truth")
         rows += [{"split": split, "StudyInstanceUID": uid, **r, "no_cervical": False, "repairs": ""}
                  for r in study_rows]
-        write_localisation(work_dir / "localisation" / "masks", uid, labels)
-    pd.DataFrame(rows).to_csv(work_dir / "localisation" / "vertebrae.csv", index=False)
+        write_localisation(WorkLayout(work_dir).masks, uid, labels)
+    write_csv(WorkLayout(work_dir).vertebrae, pd.DataFrame(rows))
 
 
 def predicted_localisation(data_dir, work_dir, spec, profile) -> None:
     settings = LocalisationSettings.for_profile(profile)
     studies = [{"uid": u, "images": e["images"], "mask": e["mask"]}
                for _, u, e in iter_cached(data_dir, work_dir, spec, ("train",), only_masked=True)]
-    models_dir = work_dir / "localisation" / "models"
+    models_dir = WorkLayout(work_dir).localisation_models
     cv = cross_validate(studies, settings, models_dir, progress=False)
     n = len(set(cv["folds"].values()))
     unets, slice_models = load_localisation_models(settings, models_dir, 3, n)
     localise_all(iter_cached(data_dir, work_dir, spec), unets, slice_models, cv["folds"], settings,
-                 work_dir / "localisation", range_source=best_range_source(cv), progress=False)
+                 work_dir, range_source=best_range_source(cv), progress=False)
 
 
-def form_settings(profile: str, form: str, model: str = "") -> FractureSettings | ViTSettings:
+def form_settings(profile: str, form: str):
     """The profile's settings of a CNN + BiLSTM form ("vertebra", "study") or of the ViT ("vit")."""
-    return ViTSettings.for_profile(profile) if form == "vit" else FractureSettings.for_profile(profile, form, model)
+    return FORMS[form].for_profile(profile)
 
 
-def form_inputs(data_dir, work_dir, spec, settings, split) -> tuple[list[str], list[np.ndarray], list[dict] | None]:
-    """(uids, inputs, metas) of a split; the ViT's volumes come without metas (no slice labels, no Grad-CAM)."""
-    if settings.form == "vit":
-        return (*build_volumes(data_dir, work_dir, spec, settings, split), None)
-    return build_inputs(data_dir, work_dir, spec, settings, split)
+def form_inputs(data_dir, work_dir, spec, settings, split):
+    """(uids, inputs read study by study, metas) of a split."""
+    inputs = build_inputs(data_dir, work_dir, spec, settings, split, progress=False)
+    return inputs.uids, inputs, inputs.metas
 
 
 def _parsed(value: str, like):
@@ -121,7 +113,6 @@ def fresh_test_data(profile: str, n: int, spec, workers: int) -> tuple[Path, Pat
         make_dataset(str(partial), n_train=0, n_test=n, size=PROFILE_SIZES[profile][2], seed=11, workers=workers)
         partial.rename(data_dir)
     build_cache(data_dir, work_dir, "test", spec, workers=workers)
-    (work_dir / "localisation").mkdir(exist_ok=True)
     truth_localisation(data_dir, work_dir, spec)
     return data_dir, work_dir
 
@@ -160,7 +151,7 @@ def ensemble_section(labels: pd.DataFrame, test_labels: pd.DataFrame, runs_dir, 
                  for n, t in tests.items()}
     test_loss[f"chosen: {chosen.choice}" + (" + calibration" if chosen.calibration is not None else "")] = \
         competition_loss(truth, chosen.test)
-    runs = {n: json.loads((Path(runs_dir) / "predictions" / f"{n}.json").read_text()).get("run_name")
+    runs = {n: json.loads(WorkLayout(runs_dir).model_meta(n).read_text()).get("run_name")
             for n in models}
     calibration = None if chosen.calibration is None else dict(zip(TARGETS, chosen.calibration.round(3).tolist(),
                                                                      strict=True))
@@ -172,22 +163,21 @@ def ensemble_section(labels: pd.DataFrame, test_labels: pd.DataFrame, runs_dir, 
             "test_loss": test_loss, "test_studies": len(truth)}
 
 
-def overridden(settings: FractureSettings, args) -> FractureSettings:
-    """The profile's settings with the epochs, learning rate, batch size, folds, auxiliary slice-loss weight and
-    `--param` values given on the command line."""
-    params = dict(settings.cfg.params)
-    if args.slice_loss is not None and settings.form == "vertebra":
-        params["slice_loss"] = args.slice_loss
-    for item in args.param:  # each form takes the parameters it has
+def overridden(settings, args):
+    """The profile's settings with the epochs, learning rate, batch size, folds, backbone, auxiliary slice-loss
+    weight, variant and `--param` values given on the command line (each form takes the fields it has)."""
+    fields = {f.name for f in dataclasses.fields(settings)}
+    given = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch, "n_folds": args.folds,
+             "model": args.model if settings.form != "vit" else 0, "variant": args.variant,
+             "slice_loss": args.slice_loss if args.slice_loss is not None else 0}
+    changes = {k: v for k, v in given.items() if v and k in fields}
+    if args.slice_loss == 0 and "slice_loss" in fields:
+        changes["slice_loss"] = 0.0
+    for item in args.param:
         key, _, value = item.partition("=")
-        if key in params:
-            params[key] = _parsed(value, params[key])
-    params = tuple(params.items())
-    model = args.model if args.model and settings.form != "vit" else settings.cfg.model
-    cfg = dataclasses.replace(settings.cfg, epochs=args.epochs or settings.cfg.epochs, lr=args.lr or settings.cfg.lr,
-                              batch_size=args.batch or settings.cfg.batch_size, model=model, params=params)
-    variant = {"variant": args.variant} if args.variant and settings.form != "vit" else {}
-    return dataclasses.replace(settings, cfg=cfg, n_folds=args.folds or settings.n_folds, **variant)
+        if key in fields:
+            changes[key] = _parsed(value, getattr(settings, key))
+    return dataclasses.replace(settings, **changes)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -215,13 +205,12 @@ def main(argv: list[str] | None = None) -> dict:
                          "small: 40 studies in bench)")
     args = ap.parse_args(argv)
     forms = args.forms.split(",")
-    known = {k for form in forms for k, _ in form_settings(args.profile, form).cfg.params}
+    known = {f.name for form in forms for f in dataclasses.fields(form_settings(args.profile, form))}
     unknown = [item for item in args.param if item.partition("=")[0] not in known]
     if unknown:
         ap.error(f"--param {unknown}: no such parameter in the forms {args.forms} ({sorted(known)})")
     data_dir, work_dir = prepared_data(args.profile, workers=args.workers)
     spec = profile_cache_spec(args.profile)
-    (work_dir / "localisation").mkdir(exist_ok=True)
     start = time.perf_counter()
     if args.ensemble_only:
         pass  # the stored predictions were made on the localisation of their own runs
@@ -246,14 +235,15 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         uids, inputs, metas = form_inputs(data_dir, work_dir, spec, settings, "train")
         t1 = time.perf_counter()
-        slice_targets = slice_targets_of(uids, metas, labels, boxes_true) if metas is not None else None
+        wants_slices = settings.slices_first or settings.slice_loss > 0
+        slice_targets = slice_targets_of(uids, metas, labels, boxes_true) if wants_slices else None
         resumed = any((work_dir / f"fracture_models_{where}").glob(f"{settings.cfg.run_name}_fold*_last.pt"))
         cv = cross_validate_fracture(uids, inputs, labels, settings, work_dir / f"fracture_models_{where}",
                                      progress=False, slice_targets=slice_targets)
         t2 = time.perf_counter()
         tu, ti, _ = form_inputs(data_dir, work_dir, spec, settings, "test")
         t3 = time.perf_counter()
-        models = load_fold_models(settings, in_channels(settings, inputs), work_dir / f"fracture_models_{where}",
+        models = load_fold_models(settings, settings.in_channels(inputs[0]), work_dir / f"fracture_models_{where}",
                                   len(set(cv["folds"].values())))
         test_pred = predict_fracture(models, tu, ti, settings, cv["patient_mode"])
         t4 = time.perf_counter()

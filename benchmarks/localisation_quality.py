@@ -21,8 +21,9 @@ import torch
 
 from benchmarks.common import prepared_data, write_result
 from kernel_utils.io.cache import iter_cached, profile_cache_spec
-from kernel_utils.stages.localisation import LocalisationSettings, accuracy_table, cross_validate, range_table
+from kernel_utils.stages.localisation import accuracy_table, cross_validate, range_table
 from kernel_utils.stages.localisation_data import best_possible_dice
+from kernel_utils.stages.localisation_settings import LocalisationSettings
 
 
 def dice_ceiling(studies: list[dict], size: int) -> float:
@@ -49,24 +50,17 @@ def main(argv: list[str] | None = None) -> dict:
     spec = profile_cache_spec(args.profile)
     studies = [{"uid": u, "images": e["images"], "mask": e["mask"]}
                for _, u, e in iter_cached(data_dir, work_dir, spec, ("train",), only_masked=True)]
-    settings = LocalisationSettings.for_profile(args.profile, args.slice_model)
+    settings = LocalisationSettings.for_profile(args.profile, slice_model=args.slice_model)
     if args.ceiling_only:
         return write_result(f"localisation_{args.profile}_dice_ceiling", {
             "profile": args.profile, "segmented_studies": len(studies), "image_size": spec.image_size,
             "what": "mean Dice over C1..C7 of the true mask at the cube side, brought back to the cache grid",
             "dice_ceiling": {size: dice_ceiling(studies, size) for size in sorted({64, 96, 128, settings.seg_size})}})
-    if args.folds:
-        settings = dataclasses.replace(settings, n_folds=args.folds)
-    if args.epochs:
-        settings = dataclasses.replace(settings, slice_cfg=dataclasses.replace(settings.slice_cfg, epochs=args.epochs))
-    if args.seg_epochs >= 0:
-        steps = 1 if args.seg_epochs == 0 else settings.seg_cfg.max_steps_per_epoch
-        seg = dataclasses.replace(settings.seg_cfg, epochs=max(args.seg_epochs, 1), max_steps_per_epoch=steps)
-        settings = dataclasses.replace(settings, seg_cfg=seg)
-    if args.seg_size:
-        seg = dataclasses.replace(settings.seg_cfg, params=tuple(
-            (k, args.seg_size if k == "size" else v) for k, v in settings.seg_cfg.params))
-        settings = dataclasses.replace(settings, seg_cfg=seg, seg_size=args.seg_size)
+    changes = {"n_folds": args.folds, "slice_epochs": args.epochs, "seg_size": args.seg_size}
+    settings = dataclasses.replace(settings, **{k: v for k, v in changes.items() if v})
+    if args.seg_epochs >= 0:  # 0: one step of one epoch (the Dice of an untrained UNet is not asked)
+        steps = 1 if args.seg_epochs == 0 else settings.max_steps_per_epoch
+        settings = dataclasses.replace(settings, seg_epochs=max(args.seg_epochs, 1), max_steps_per_epoch=steps)
     where = "gpu" if torch.cuda.is_available() else "cpu"
     models_dir = work_dir / f"localisation_models_{where}"
     # a rerun resumes finished trainings from their checkpoints: its seconds are then not training times

@@ -14,8 +14,8 @@ import torch
 
 from benchmarks.common import RESULTS, write_result
 from kernel_utils.nets import create_model
-from kernel_utils.stages.fracture import FractureSettings
-from kernel_utils.stages.localisation import LocalisationSettings
+from kernel_utils.stages.fracture_settings import StudySettings, VertebraSettings
+from kernel_utils.stages.localisation_settings import LocalisationSettings
 from kernel_utils.stages.vit import ViTSettings
 from kernel_utils.training import device
 
@@ -69,27 +69,24 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args(argv)
     rows = {}
-    vert = FractureSettings.for_profile("full", "vertebra")
-    p = dict(vert.cfg.params)
+    vert = VertebraSettings.for_profile("full")
     rows["cnn_lstm_vertebra"] = {
-        "model": vert.cfg.model, "input": f"1 study: 7 vertebrae x {p['n_slices']} slices x 4 ch x {p['crop']}^2",
-        **time_model(create_model(vert.cfg, 4), torch.rand(1, 7, p["n_slices"], 4, p["crop"], p["crop"]),
+        "model": vert.model, "input": f"1 study: 7 vertebrae x {vert.n_slices} slices x 4 ch x {vert.crop}^2",
+        **time_model(create_model(vert.cfg, 4), torch.rand(1, 7, vert.n_slices, 4, vert.crop, vert.crop),
                      args.repeat, train=True)}
-    study = FractureSettings.for_profile("full", "study")
-    p = dict(study.cfg.params)
+    study = StudySettings.for_profile("full")
     rows["cnn_lstm_study"] = {
-        "model": study.cfg.model, "input": f"1 study: {p['n_slices']} slices x 3 ch x {p['size']}^2",
-        **time_model(create_model(study.cfg, 3), torch.rand(1, p["n_slices"], 3, p["size"], p["size"]),
+        "model": study.model, "input": f"1 study: {study.n_slices} slices x 3 ch x {study.size}^2",
+        **time_model(create_model(study.cfg, 3), torch.rand(1, study.n_slices, 3, study.size, study.size),
                      args.repeat, train=True)}
     loc = LocalisationSettings.for_profile("full")
     s = loc.seg_size
     rows["unet3d"] = {"model": "MONAI UNet", "input": f"1 study resampled to {s}^3 x 3 ch",
                       **time_model(create_model(loc.seg_cfg, 3), torch.rand(1, 3, s, s, s), args.repeat, train=True)}
     vit = ViTSettings.for_profile("full")
-    p = dict(vit.cfg.params)
-    rows["vit3d"] = {"model": f"MONAI ViT, {p['hidden']} hidden, {p['layers']} layers",
-                     "input": f"1 study: 3 ch x {vit.depth} slices (7 vertebrae) x {p['size']}^2",
-                     **time_model(create_model(vit.cfg, 3), torch.rand(1, 3, vit.depth, p["size"], p["size"]),
+    rows["vit3d"] = {"model": f"MONAI ViT, {vit.hidden} hidden, {vit.layers} layers",
+                     "input": f"1 study: 3 ch x {vit.depth} slices (7 vertebrae) x {vit.size}^2",
+                     **time_model(create_model(vit.cfg, 3), torch.rand(1, 3, vit.depth, vit.size, vit.size),
                                   args.repeat, train=True)}
     rows["slice_classifier"] = {"model": loc.slice_cfg.model, "input": "300 slices x 3 ch x 256^2",
                                 **time_model(create_model(loc.slice_cfg, 3), torch.rand(300, 3, 256, 256),

@@ -24,6 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from kernel_utils.layout import atomic_file, write_json
+
 log = logging.getLogger(__name__)
 
 
@@ -159,15 +161,13 @@ def _readable_checkpoints(best_path: Path, last_path: Path) -> dict | None:
 
 
 def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def save_config(out_dir: Path, cfg: TrainConfig) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{cfg.run_name}_config.json"
-    path.write_text(json.dumps(cfg.to_json(), indent=1, default=str))
+    path = Path(out_dir) / f"{cfg.run_name}_config.json"
+    write_json(path, cfg.to_json())
     return path
 
 

@@ -8,6 +8,7 @@ import pandas as pd
 from kernel_utils.blend.ensemble import (
     BLEND_ROW,
     BLEND_ROWS,
+    MEAN_ROW,
     SHARED_ROW,
     blend,
     compare,
@@ -42,8 +43,8 @@ def test_weight_search_recovers_the_better_model():
 def test_comparison_table_and_blend():
     labels, good, noise = _constructed()
     table, weights = compare(labels, {"noise": noise, "good": good}, n_folds=4)
-    assert set(table.index) == {"noise", "good", "mean of models", *BLEND_ROWS}
-    assert table.loss_study["good"] < table.loss_study["mean of models"] < table.loss_study["noise"]
+    assert set(table.index) == {"noise", "good", MEAN_ROW, *BLEND_ROWS}
+    assert table.loss_study["good"] < table.loss_study[MEAN_ROW] < table.loss_study["noise"]
     for row in BLEND_ROWS:
         assert table.loss_study[row] <= table.loss_study["good"] + 0.01
     assert (weights[SHARED_ROW] == weights[SHARED_ROW][0]).all()  # one set, every label
@@ -59,7 +60,7 @@ def test_chosen_weights_follow_the_best_row():
     per_label[0] = [0.9, 0.1]
     fitted = {BLEND_ROW: per_label, SHARED_ROW: np.tile([0.4, 0.6], (8, 1))}
     table = pd.DataFrame({"loss_study": [0.5, 0.4, 0.45, 0.42, 0.43]},
-                         index=["a", "b", "mean of models", BLEND_ROW, SHARED_ROW])
+                         index=["a", "b", MEAN_ROW, BLEND_ROW, SHARED_ROW])
     choice, w = chosen_weights(table, fitted, ["a", "b"])
     assert choice == "b" and (w == [0.0, 1.0]).all()
     choice, w = chosen_weights(table.assign(loss_study=[0.5, 0.6, 0.45, 0.3, 0.31]), fitted, ["a", "b"])
@@ -67,7 +68,7 @@ def test_chosen_weights_follow_the_best_row():
     choice, w = chosen_weights(table.assign(loss_study=[0.5, 0.6, 0.45, 0.3, 0.29]), fitted, ["a", "b"])
     assert choice == SHARED_ROW and np.allclose(w, [0.4, 0.6])
     choice, w = chosen_weights(table.assign(loss_study=[0.5, 0.6, 0.2, 0.3, 0.3]), fitted, ["a", "b"])
-    assert choice == "mean of models" and np.allclose(w, 0.5)
+    assert choice == MEAN_ROW and np.allclose(w, 0.5)
 
 
 def test_ensemble_with_prior_compares_blends_and_predicts_the_test_studies():
@@ -95,7 +96,7 @@ def test_ensemble_with_prior_compares_blends_and_predicts_the_test_studies():
 
 
 def test_stage_timing_splits_data_from_model_time(monkeypatch):
-    import kernel_utils.submit.predict as submit
+    import kernel_utils.submit.timing as submit
 
     now = [0.0]
     monkeypatch.setattr(submit.time, "perf_counter", lambda: now[0])
@@ -114,11 +115,14 @@ def test_stage_timing_splits_data_from_model_time(monkeypatch):
         with clock.data():
             now[0] += 3.0
         now[0] += 9.0
+    for _ in timing.timed_stage("read_cache", slow_items()):
+        now[0] += 5.0  # not part of reading
     table = timing.per_study(3)
+    assert table.loc["read_cache"].tolist() == [2.0, 0.0, 2.0]
     assert table.loc["load_and_window"].tolist() == [2.0, 0.0, 2.0]
     assert table.loc["localise"].tolist() == [2.0, 1.0, 3.0]
     assert table.loc["vit"].tolist() == [1.0, 3.0, 4.0]
-    assert timing.data_share() == (6 + 6 + 3) / (6 + 9 + 12)
+    assert timing.data_share() == (6 + 6 + 3 + 6) / (6 + 9 + 12 + 6)
 
 
 def test_two_equal_models_with_independent_errors_blend_below_both():

@@ -24,7 +24,6 @@ from kernel_utils.nets.fracture_nets import (
     vertebra_slice_loss,
 )
 from kernel_utils.stages.fracture import (
-    FractureSettings,
     cross_validate_fracture,
     fit_patient_head,
     labelled_slices,
@@ -39,14 +38,22 @@ from kernel_utils.stages.fracture_data import (
     study_sequence,
     vertebra_stacks,
 )
+from kernel_utils.stages.fracture_settings import StudySettings, VertebraSettings, fracture_settings
 from kernel_utils.training import checkpoint_paths
 
 
 @pytest.mark.parametrize("form, shape", [("vertebra", (2, 7, 5, 4, 32, 32)), ("study", (2, 8, 3, 32, 32))])
 def test_forward_shapes(form, shape):
-    settings = FractureSettings.for_profile("smoke", form, "resnet10t")
+    settings = fracture_settings("smoke", form, "resnet10t")
     model = create_model(settings.cfg, shape[-3])
     assert model(torch.rand(shape)).shape == (2, 8)
+
+
+@pytest.mark.parametrize("form, shape", [("vertebra", (1, 7, 3, 4, 32, 32)), ("study", (1, 4, 3, 32, 32))])
+def test_a_backbone_with_a_convolution_after_its_pooling_fits_the_bilstm(form, shape):
+    """MobileNetV3's pooled features are 1024 wide, not its num_features (288): the BiLSTM takes what comes out."""
+    settings = fracture_settings("smoke", form, "mobilenetv3_small_050")
+    assert create_model(settings.cfg, shape[-3])(torch.rand(shape)).shape == (1, 8)
 
 
 def test_loss_equals_the_competition_metric_on_a_hand_made_batch():
@@ -62,7 +69,7 @@ def test_loss_equals_the_competition_metric_on_a_hand_made_batch():
 
 def test_one_training_step_lowers_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
-    settings = FractureSettings.for_profile("smoke", "vertebra", "resnet10t")
+    settings = VertebraSettings.for_profile("smoke", model="resnet10t")
     model = create_model(settings.cfg, 4)
     x = torch.rand(2, 7, 3, 4, 32, 32)
     target = torch.tensor([[1, 0, 0, 0, 0, 0, 0, 1], [0] * 8], dtype=torch.float32)
@@ -72,7 +79,7 @@ def test_one_training_step_lowers_the_loss_on_a_fixed_batch():
 
 def test_a_single_vertebra_forward_is_its_column_of_the_study_forward():
     torch.manual_seed(0)
-    model = create_model(FractureSettings.for_profile("smoke", "vertebra", "resnet10t").cfg, 4).eval()
+    model = create_model(VertebraSettings.for_profile("smoke", model="resnet10t").cfg, 4).eval()
     x = torch.rand(2, 7, 3, 4, 32, 32)
     with torch.no_grad():
         study = model(x)
@@ -154,7 +161,7 @@ def test_per_vertebra_slice_targets_know_healthy_vertebrae_and_boxed_fractures()
 
 def test_slice_logits_come_with_the_vertebra_logit_and_the_auxiliary_loss_skips_unknown_slices():
     torch.manual_seed(0)
-    model = create_model(FractureSettings.for_profile("smoke", "vertebra", "resnet10t").cfg, 4).eval()
+    model = create_model(VertebraSettings.for_profile("smoke", model="resnet10t").cfg, 4).eval()
     x = torch.rand(3, 5, 4, 32, 32)
     with torch.no_grad():
         both = model.vertebra_and_slice_logits(x)
@@ -189,7 +196,7 @@ def test_the_per_vertebra_form_trains_with_slice_targets_when_given(tmp_path, mo
     slice_targets[[1, 3]] = np.nan
     slice_targets[1, :, 2] = 1  # study 1 is boxed on the middle slice of every vertebra
     slice_targets[1, :, [0, 1, 3, 4]] = 0
-    settings = FractureSettings.for_profile("smoke", "vertebra", "resnet10t")
+    settings = VertebraSettings.for_profile("smoke", model="resnet10t")
     cv = cross_validate_fracture(uids, inputs, labels, settings, tmp_path, progress=False, slice_targets=slice_targets)
     assert cv["raw_oof"].shape == (4, 8) and np.isfinite(cv["raw_oof"]).all()
     assert (settings.cfg.batch_size, 6) in [s for s, with_slices in seen if with_slices]  # training: slice labels
@@ -221,7 +228,7 @@ def test_the_study_form_trains_its_cnn_on_slices_first(tmp_path):
     slice_targets = np.where(np.arange(8)[:, None] % 2, np.nan, 0.0) * np.ones((1, 3))
     slice_targets[[1, 3, 5, 7], 1] = 1  # the fractured studies are boxed on their middle slice
     slice_targets[[1, 3, 5, 7], 0] = 0
-    settings = FractureSettings.for_profile("smoke", "study", "resnet10t")
+    settings = StudySettings.for_profile("smoke", model="resnet10t")
     cv = cross_validate_fracture(uids, inputs, labels, settings, tmp_path, progress=False,
                                  slice_targets=slice_targets)
     assert set(cv["histories"].model) == {"cnn_lstm_study (CNN on slices)", "cnn_lstm_study"}
@@ -237,7 +244,7 @@ def test_the_study_forms_warp_setting_reaches_its_slice_phase():
     for warp in (True, False):
         ds = labelled_slices(inputs, targets, True, 3, warp)
         assert ds.rotate_shift is warp and len(ds) == 2
-    assert FractureSettings.for_profile("demo", "study").cfg.param("rotate_shift") is True  # seed 002's augmentation
+    assert StudySettings.for_profile("demo").rotate_shift is True  # seed 002's augmentation
 
 
 def test_vertebra_stacks_pick_the_right_slices_and_channels():
@@ -302,7 +309,7 @@ def test_patient_overall_from_vertebrae():
 class _BrightSpot(nn.Module):
     """A stand-in backbone whose feature map is the input's brightness: Grad-CAM must find the bright spot."""
 
-    num_features = 1
+    pooled_features = 1
 
     def forward_features(self, x):
         return nn.functional.avg_pool2d(x[:, :1], 4)
@@ -342,7 +349,7 @@ def test_box_scoring():
 def test_planned_runs_key_extra_backbones_by_their_predictions():
     import pytest
 
-    from kernel_utils.stages.fracture import planned_runs
+    from kernel_utils.stages.fracture_settings import planned_runs
 
     runs = planned_runs("smoke", "vertebra, study", {"vertebra": "", "study": "resnet10t"}, {}, "resnet10t,resnet14t",
                         "a.pt,b.pt")

@@ -79,3 +79,21 @@ def test_the_layers_are_what_the_layout_says():
 def test_modules_stay_small():
     long = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long, long
+
+
+def test_no_code_branches_on_a_forms_name():
+    """What differs between the fracture forms is asked of their settings (the stage contract), never their names."""
+    import re
+
+    found = [f"{name}: {line.strip()}" for name, path in modules().items()
+             for line in path.read_text().splitlines() if re.search(r"\bform\s*(==|!=|in\s*\()", line)]
+    assert not found, found
+
+
+def test_no_positional_settings_tuples():
+    """Settings are typed fields: no `table = {profile: (..., ...)}` of positional values left in the stages."""
+    import re
+
+    found = [f"{name}: {line.strip()}" for name, path in modules().items() if ".stages." in name
+             for line in path.read_text().splitlines() if re.search(r'"(smoke|demo|bench|full)":\s*\(', line)]
+    assert not found, found

@@ -8,13 +8,7 @@ import torch
 
 from kernel_utils.dev.synthetic import plan_dataset, render_study
 from kernel_utils.nets import create_model
-from kernel_utils.stages.localisation import (
-    LocalisationSettings,
-    accuracy_table,
-    drop_islands,
-    localise_study,
-    segment,
-)
+from kernel_utils.stages.localisation import accuracy_table
 from kernel_utils.stages.localisation_data import (
     SliceDataset,
     VolumeDataset,
@@ -26,6 +20,8 @@ from kernel_utils.stages.localisation_data import (
     probabilities_to_grid,
     to_cube,
 )
+from kernel_utils.stages.localisation_settings import LocalisationSettings
+from kernel_utils.stages.vertebra_localiser import drop_islands, localise_study, segment
 from kernel_utils.stages.vertebra_targets import enforce_order, ranges_from_presence, slice_targets
 
 
@@ -70,7 +66,7 @@ def test_localise_study_rows_follow_the_rules(rendered):
 
 
 def test_models_train_a_step_and_predict_shapes(rendered, tmp_path):
-    settings = LocalisationSettings.for_profile("smoke", "resnet10t")
+    settings = LocalisationSettings.for_profile("smoke", slice_model="resnet10t")
     images = np.repeat(rendered.hu[..., None].clip(0, 255).astype(np.uint8), 3, axis=-1)
     study = {"uid": "a", "images": images, "mask": rendered.labels, "presence": slice_targets(rendered.labels)[0]}
     cnn = create_model(settings.slice_cfg, 3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import papermill as pm
 import pytest
@@ -87,8 +88,8 @@ def test_notebook_runs_on_smoke_data(notebook, executed, work_dir):
         predictions = work_dir / "predictions"
         main = json.loads((predictions / "cnn_lstm_vertebra.json").read_text())
         extra = json.loads((predictions / f"cnn_lstm_vertebra_{EXTRA_BACKBONE}.json").read_text())
-        assert (main["variant"], extra["variant"]) == ("", EXTRA_BACKBONE)
-        assert extra["config"]["model"] == EXTRA_BACKBONE != main["config"]["model"]
+        assert (main["settings"]["variant"], extra["settings"]["variant"]) == ("", EXTRA_BACKBONE)
+        assert extra["settings"]["model"] == EXTRA_BACKBONE != main["settings"]["model"]
         assert extra["run_name"] != main["run_name"]
     if notebook.name.startswith("05_"):
         models = json.loads((work_dir / "predictions" / "ensemble.json").read_text())["models"]
@@ -149,3 +150,8 @@ def test_kaggle_bundle_runs_alone(executed, work_dir, faulted_smoke, tmp_path):
         set(timing["per_study_seconds"])
     assert 0 < timing["data_share"] < 1
     assert len(pd.read_csv(kernel_work / "submission.csv")) == len(pd.read_csv(smoke_dir / "test.csv"))
+    # study by study and in memory, the kernel predicts what notebooks 02-05 predicted for the same studies
+    assert not (kernel_work / "localisation" / "vertebrae.csv").exists()
+    ours = pd.read_csv(work_dir / "submission.csv").set_index("row_id").fractured
+    kernels = pd.read_csv(kernel_work / "submission.csv").set_index("row_id").fractured.loc[ours.index]
+    assert np.allclose(kernels, ours, atol=1e-4), (kernels - ours).abs().max()

@@ -19,9 +19,8 @@ from kernel_utils.stages.vit import ViTSettings, study_volume, vertebra_volume
 @pytest.mark.parametrize("profile", ["smoke", "demo"])
 def test_forward_shapes(profile):
     settings = ViTSettings.for_profile(profile)
-    size = dict(settings.cfg.params)["size"]
     model = create_model(settings.cfg, 3)
-    assert model(torch.rand(2, 3, settings.depth, size, size)).shape == (2, 8)
+    assert model(torch.rand(2, 3, settings.depth, settings.size, settings.size)).shape == (2, 8)
 
 
 def test_stem_keeps_the_token_grid():
@@ -112,10 +111,10 @@ def test_each_vertebra_logit_sees_only_its_own_block():
     assert torch.all(diff[[0, 1, 3, 4, 5, 6]] < 1e-6)  # the other vertebrae do not
     with pytest.raises(ValueError, match="seven vertebra blocks"):
         ViTClassifier(3, (15, 32, 32), (5, 16, 16), 32, 1, 2, 0.0, encode="vertebra")
-    study = ViTSettings.for_profile("smoke", volume="study").cfg
-    assert dict(study.params)["encode"] == "volume"
+    study = ViTSettings.for_profile("smoke", volume="study")
+    assert study.encode == "volume" and dict(study.cfg.params)["encode"] == "volume"
     with pytest.raises(ValueError, match="needs the vertebra volume"):
-        create_model(dataclasses.replace(study, params=study.params + (("encode", "vertebra"),)), 3)
+        create_model(dataclasses.replace(study, encode="vertebra").cfg, 3)
 
 
 def test_vertebra_samples_split_a_volume_into_its_blocks():
@@ -123,7 +122,7 @@ def test_vertebra_samples_split_a_volume_into_its_blocks():
 
     volume = np.repeat(np.arange(14, dtype=np.uint8), 4).reshape(1, 14, 2, 2).repeat(3, axis=0)  # depth index
     targets = np.array([[0, 0, 1, 0, 0, 0, 0, 1]], dtype=np.float32)
-    ds = vertebra_samples([volume], targets, augment=False, image_channels=None, volumes=True)
+    ds = vertebra_samples([volume], targets, augment=False, image_channels=None, block=ViTSettings.vertebra_block)
     assert len(ds) == 7
     third = ds[2]
     assert tuple(third["image"].shape) == (3, 2, 2, 2)

@@ -3,9 +3,8 @@
 Each column is fitted alone (the metric is separable by column: a study's normalising weight depends on its labels
 only) as a weighted logistic regression on logit(p), with the competition's label weights over each study's weight
 sum as sample weights, and a weak Gaussian prior on 1 / T around 1: where a label's out-of-fold predictions separate
-its classes perfectly the unpenalised fit has no finite optimum and sharpens without bound (CPU pilot, per-vertebra
-CNN, C6 at AUC 1.0 out of fold: 1 / T = 42, test loss 0.226 raw, 0.269 calibrated; with the prior 1 / T = 2.2, test
-loss 0.197, and 0.197-0.208 for SLOPE_PRIOR from 0.001 to 1).
+its classes perfectly the unpenalised fit has no finite optimum and sharpens without bound (what the prior changed
+is in benchmarks/README.md, "Seed 004's comparison").
 
 The shift matters here: under those weights the best constant is not the prevalence (on the real train.csv, C1
 0.103 against a prevalence of 0.073), so a model or a blend with the prior can sit below it.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,6 +17,7 @@ import pandas as pd
 from kernel_utils.blend.calibration import apply_calibration, fit_calibration
 from kernel_utils.blend.prior import predict_constant
 from kernel_utils.folds import make_folds
+from kernel_utils.layout import layout_of
 from kernel_utils.metric import NEGATIVE_WEIGHTS, NORMALIZATIONS, POSITIVE_WEIGHTS, TARGETS, competition_loss
 
 EPS = 1e-15
@@ -25,21 +25,28 @@ EPS = 1e-15
 
 def load_predictions(work_dir: str | os.PathLike) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
     """{model name: (oof, test)} for every `predictions/<name>_oof.csv` with its `_test.csv`."""
-    folder = Path(work_dir) / "predictions"
+    layout = layout_of(work_dir)
     out = {}
-    for oof_path in sorted(folder.glob("*_oof.csv")):
+    for oof_path in sorted(layout.predictions.glob("*_oof.csv")):
         name = oof_path.name.removesuffix("_oof.csv")
-        test_path = folder / f"{name}_test.csv"
+        test_path = layout.prediction(name, "test")
         if test_path.exists():
             out[name] = (pd.read_csv(oof_path), pd.read_csv(test_path))
     return out
 
 
-BLEND_ROW = "weighted blend (weights fitted out of fold)"
-SHARED_ROW = "weighted blend, one weight set for all labels (fitted out of fold)"
+BLEND_ROW, SHARED_ROW, MEAN_ROW = "blend_per_label", "blend_shared", "mean"  # the table's rows besides the models
 BLEND_ROWS = {BLEND_ROW: False, SHARED_ROW: True}  # row: fit_weights' `shared`
-MEAN_ROW = "mean of models"
-CALIBRATED = " + calibration (fitted out of fold)"  # the chosen row's name plus this: the calibrated row
+CALIBRATED = "+calibrated"  # the chosen row's id plus this: the calibrated row
+ROW_LABELS = {BLEND_ROW: "weighted blend, weights per label (fitted out of fold)",
+              SHARED_ROW: "weighted blend, one weight set for all labels (fitted out of fold)",
+              MEAN_ROW: "mean of models"}
+
+
+def row_label(row: str) -> str:
+    """What a row id of the comparison table means, for display ("blend_per_label+calibrated" -> a sentence)."""
+    base, calibrated = row.removesuffix(CALIBRATED), row.endswith(CALIBRATED)
+    return ROW_LABELS.get(base, base) + (" + calibration (fitted out of fold)" if calibrated else "")
 
 
 @dataclass

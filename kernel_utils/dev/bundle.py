@@ -20,6 +20,8 @@ from pathlib import Path
 
 import nbformat
 
+from kernel_utils.layout import WorkLayout
+
 PACKAGE = Path(__file__).resolve().parents[1]  # kernel_utils; its dev/ stays behind
 COMPETITION = "rsna-2022-cervical-spine-fracture-detection"
 # What the Kaggle image lacks (it has torch, torchvision, numpy, pandas, scikit-learn, opencv, matplotlib, tqdm).
@@ -45,7 +47,7 @@ def copy_weights(work_dir: Path, dest: Path) -> list[Path]:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, target)
             copied.append(target)
-    if not (dest / "predictions" / "ensemble.json").exists():
+    if not WorkLayout(dest).ensemble_meta.exists():
         raise FileNotFoundError(f"{work_dir}/predictions/ensemble.json not found: run the notebooks (make run) first")
     return copied
 

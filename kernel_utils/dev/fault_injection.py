@@ -173,11 +173,12 @@ def inject_data_faults(data_dir: str | os.PathLike) -> pd.DataFrame:
 def checkpoint_fault_paths(work_dir: str | os.PathLike, profile: str) -> list[Path]:
     """Where an earlier run, killed or half copied, would leave notebook 03's per-vertebra checkpoints: its fold 0
     `_last.pt` and its fold 1 `_best.pt` (names from the profile's settings, as the notebook derives them)."""
-    from kernel_utils.stages.fracture import FractureSettings
+    from kernel_utils.layout import WorkLayout
+    from kernel_utils.stages.fracture_settings import VertebraSettings
     from kernel_utils.training import checkpoint_paths
 
-    cfg = FractureSettings.for_profile(profile, "vertebra").cfg
-    models_dir = Path(work_dir) / "models" / "fracture"
+    settings = VertebraSettings.for_profile(profile)
+    cfg, models_dir = settings.cfg, WorkLayout(work_dir).models(settings.family)
     return [checkpoint_paths(models_dir, cfg, 0)[1], checkpoint_paths(models_dir, cfg, 1)[0]]
 
 

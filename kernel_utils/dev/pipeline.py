@@ -16,6 +16,7 @@ from pathlib import Path
 from kernel_utils.config import get_profile, resolve_work_dir
 from kernel_utils.dev.run_summary import format_summary, run_summary
 from kernel_utils.dev.synthetic import make_dataset
+from kernel_utils.layout import WorkLayout
 from kernel_utils.submit.writer import validate_submission
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
@@ -48,10 +49,9 @@ def ensure_synthetic(work_dir: Path, profile_name: str, seed: int = 0) -> Path:
 def set_aside_previous_submission(work_dir: Path) -> Path | None:
     """Rename a previous run's submission.csv to previous_submission.csv, so a run that fails leaves no
     submission.csv behind that could be taken for its own."""
-    old = work_dir / "submission.csv"
+    old, kept = WorkLayout(work_dir).submission, WorkLayout(work_dir).previous_submission
     if not old.exists():
         return None
-    kept = work_dir / "previous_submission.csv"
     old.replace(kept)
     print(f"the previous run's submission is now {kept}", flush=True)
     return kept
@@ -76,10 +76,11 @@ def run(data_dir: Path | None, work_dir: Path, profile: str, only: list[str] | N
                             parameters={"DATA_DIR": str(data_dir), "WORK_DIR": str(work_dir), "PROFILE": profile})
         seconds[nb.stem] = time.perf_counter() - start
         print(f"   {nb.name}: {seconds[nb.stem]:.0f} s", flush=True)
-    submission = work_dir / "submission.csv"
+    layout = WorkLayout(work_dir)
+    submission = layout.submission
     validate_submission(submission, data_dir / "test.csv")
-    if (work_dir / "predictions" / "ensemble_table.csv").exists():
-        print(f"== run summary ({profile}), also in {work_dir / 'run_summary.json'} ==")
+    if layout.ensemble_table.exists():
+        print(f"== run summary ({profile}), also in {layout.run_summary} ==")
         print(format_summary(run_summary(data_dir, work_dir, seconds)), flush=True)
     return submission
 

@@ -3,15 +3,15 @@ loss on the synthetic hidden test labels, and the seconds of every notebook; als
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from kernel_utils.blend.ensemble import CALIBRATED, load_predictions
+from kernel_utils.blend.ensemble import CALIBRATED, load_predictions, row_label
 from kernel_utils.blend.prior import fit_prior, predict_constant
+from kernel_utils.layout import WorkLayout, read_json, write_json
 from kernel_utils.metric import TARGETS, VERTEBRAE, auc_or_nan, competition_loss, long_to_wide
 
 
@@ -35,8 +35,9 @@ def run_summary(data_dir: str | os.PathLike, work_dir: str | os.PathLike,
     """
     data_dir, work_dir = Path(data_dir), Path(work_dir)
     labels = pd.read_csv(data_dir / "train.csv")
-    table = pd.read_csv(work_dir / "predictions" / "ensemble_table.csv", index_col="model")
-    meta = json.loads((work_dir / "predictions" / "ensemble.json").read_text())
+    layout = WorkLayout(work_dir)
+    table = pd.read_csv(layout.ensemble_table, index_col="model")
+    meta = read_json(layout.ensemble_meta)
     prior_loss = float(table.loss_study["prior"])
     models = {}
     for name, (oof, _) in load_predictions(work_dir).items():
@@ -49,16 +50,17 @@ def run_summary(data_dir: str | os.PathLike, work_dir: str | os.PathLike,
     row = meta["choice"] + CALIBRATED if calibrated else meta["choice"]
     submitted = float(table.loss_study[row]) if row in table.index else float("nan")
     summary = {"models": models,
-               "submission": {"from": meta["choice"], "calibrated": calibrated, "oof_loss": submitted,
+               "submission": {"from": meta["choice"], "label": row_label(meta["choice"]), "calibrated": calibrated,
+                              "oof_loss": submitted,
                               "over_prior": submitted / prior_loss},
                "hidden_test": _hidden_test(data_dir, work_dir, labels),
                "notebook_seconds": dict(notebook_seconds or {})}
-    (work_dir / "run_summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(layout.run_summary, summary)
     return summary
 
 
 def _hidden_test(data_dir: Path, work_dir: Path, labels: pd.DataFrame) -> dict | None:
-    truth_path, submission_path = data_dir / "_truth" / "test_labels.csv", work_dir / "submission.csv"
+    truth_path, submission_path = data_dir / "_truth" / "test_labels.csv", WorkLayout(work_dir).submission
     if not truth_path.exists() or not submission_path.exists():
         return None
     wide = long_to_wide(pd.read_csv(submission_path)).dropna()
@@ -82,7 +84,7 @@ def format_summary(summary: dict) -> str:
         lines.append(f"{name:<34}{num(m['oof_loss'], 4):>8}{num(m['over_prior']):>9}"
                      f"{num(m['mean_vertebra_auc']):>19}{num(m['patient_auc']):>13}")
     sub = summary["submission"]
-    lines.append(f"submission from: {sub['from']}{', calibrated per label' if sub['calibrated'] else ''} "
+    lines.append(f"submission from: {sub['label']}{', calibrated per label' if sub['calibrated'] else ''} "
                  f"(out of fold {num(sub['oof_loss'], 4)}, {num(sub['over_prior'])}x the prior)")
     hidden = summary["hidden_test"]
     if hidden:

@@ -16,7 +16,7 @@ class _CaptureFeatureMap(nn.Module):
     def __init__(self, inner: nn.Module):
         super().__init__()
         self.inner = inner
-        self.num_features = inner.num_features
+        self.pooled_features = inner.pooled_features
         self.fmap: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ import numpy as np
 from kernel_utils.io.dicom_io import scan_study
 from kernel_utils.io.dicom_series import SliceHeader, in_head_first_order, list_slices
 from kernel_utils.io.nifti_align import segmentation_and_note
-from kernel_utils.io.npz_store import atomic_write_bytes, fast_zip_crc, write_npz_atomic
+from kernel_utils.io.npz_store import fast_zip_crc, write_npz_atomic
 from kernel_utils.io.windowing import (
     OTSU_STEP,
     SEED002_WINDOWS,
@@ -33,6 +33,7 @@ from kernel_utils.io.windowing import (
     otsu_box,
     resize_slices,
 )
+from kernel_utils.layout import write_json
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def cache_dir(work_dir: str | os.PathLike, spec: CacheSpec) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     spec_path = folder / "spec.json"
     if not spec_path.exists():
-        atomic_write_bytes(spec_path, json.dumps(spec.to_json(), indent=1).encode())
+        write_json(spec_path, spec.to_json())
     return folder
 
 
@@ -273,19 +274,28 @@ def profile_cache_spec(profile_name: str) -> CacheSpec:
     return CacheSpec(image_size=profile.image_size, compress=profile.compress_cache)
 
 
+def cached_studies(data_dir: str | os.PathLike, split: str,
+                   only_masked: bool = False) -> list[tuple[Path, Path | None]]:
+    """(study folder, its segmentation path or None) of every study of a split, sorted by uid."""
+    data_dir = Path(data_dir)
+    folder = data_dir / f"{split}_images"
+    if not folder.is_dir():
+        return []
+    out = []
+    for study_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        seg = data_dir / "segmentations" / f"{study_dir.name}.nii" if split == "train" else None
+        if only_masked and (seg is None or not seg.exists()):
+            continue
+        out.append((study_dir, seg))
+    return out
+
+
 def iter_cached(data_dir: str | os.PathLike, work_dir: str | os.PathLike, spec: CacheSpec,
                 splits: tuple[str, ...] = ("train", "test"), only_masked: bool = False):
     """Yield (split, uid, entry) for every study of `splits`, building missing entries; unreadable studies
     are logged and skipped (the submission writer gives them the prior)."""
-    data_dir = Path(data_dir)
     for split in splits:
-        folder = data_dir / f"{split}_images"
-        if not folder.is_dir():
-            continue
-        for study_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-            seg = data_dir / "segmentations" / f"{study_dir.name}.nii" if split == "train" else None
-            if only_masked and (seg is None or not seg.exists()):
-                continue
+        for study_dir, seg in cached_studies(data_dir, split, only_masked):
             try:
                 entry = load_cached(work_dir, spec, study_dir, seg)
             except Exception as e:

@@ -18,19 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from kernel_utils.layout import temp_path
+
 log = logging.getLogger(__name__)
-
-
-def temp_path(path: Path) -> Path:
-    """Where a write of `path` goes first: `.<name>.<pid>.tmp` beside it."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = temp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def _libdeflate_crc32():

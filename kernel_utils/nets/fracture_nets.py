@@ -73,7 +73,7 @@ class SequenceEncoder(nn.Module):
     def __init__(self, backbone: nn.Module, hidden: int = 128, dropout: float = 0.1):
         super().__init__()
         self.backbone = backbone
-        self.lstm = nn.LSTM(backbone.num_features, hidden, batch_first=True, bidirectional=True)
+        self.lstm = nn.LSTM(backbone.pooled_features, hidden, batch_first=True, bidirectional=True)
         self.dropout = nn.Dropout(dropout)
         self.out_features = 4 * hidden
         self.backbone_frozen = False
@@ -119,7 +119,7 @@ class VertebraCnnLstm(nn.Module):
         self.encoder = encoder
         self.vertebra_head = nn.Linear(encoder.out_features, 1)
         self.patient_head = nn.Sequential(nn.Linear(2 * encoder.out_features, 64), nn.ReLU(), nn.Linear(64, 1))
-        self.slice_head = nn.Linear(encoder.backbone.num_features, 1)
+        self.slice_head = nn.Linear(encoder.backbone.pooled_features, 1)
 
     def vertebra_and_slice_logits(self, x: torch.Tensor) -> torch.Tensor:
         """One vertebra's sequence x [B, N, C, H, W] -> [B, 1 + N]: its logit, then one logit per slice."""
@@ -152,7 +152,7 @@ class SliceFracture(nn.Module):
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(backbone.num_features, 1)
+        self.head = nn.Linear(backbone.pooled_features, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))

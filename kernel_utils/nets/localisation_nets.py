@@ -17,7 +17,7 @@ class SliceClassifier(nn.Module):
     def __init__(self, backbone: nn.Module, n_outputs: int = 7):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(backbone.num_features, n_outputs)
+        self.head = nn.Linear(backbone.pooled_features, n_outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x float [B, C, H, W] -> logits [B, n_outputs]."""

@@ -10,9 +10,8 @@ or all cropped to the box of the whole cervical spine (`crop="spine"`); or the w
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
+from typing import ClassVar
 
 import cv2
 import numpy as np
@@ -20,46 +19,116 @@ import pandas as pd
 import torch
 from torch import nn
 
-from kernel_utils.io.cache import CacheSpec, iter_cached
+from kernel_utils.settings import StageSettings
 from kernel_utils.stages.fracture_data import evenly_spaced, square_box
-from kernel_utils.training import TrainConfig
+from kernel_utils.stages.study_localisation import StudyLocalisation
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ViTSettings:
-    """The ViT stage: its training config (sizes in `cfg.params`) and folds."""
+class ViTSettings(StageSettings):
+    """Seed 004's 3D ViT, following the stage contract of `stages/stage.py`.
 
-    cfg: TrainConfig
-    n_folds: int
+    Attributes:
+        volume: "vertebrae" (`vertebra_volume`, from notebook 02's ranges) or "study" (the whole study resampled).
+        crop: "vertebra" (each vertebra's own box) or "spine" (the cervical spine's box).
+        slices_per_vertebra, keep_every, size: depth and side of the volume.
+        stem: channels of the stride-2 convolutions before the patches (empty: raw patches as seed 004).
+        encode: "vertebra" (each vertebra's block on its own, a patient head over the seven CLS tokens) or "volume".
+        train_on: "vertebrae" (single vertebrae, then the patient head) or "studies".
+        rotate_shift: the small rotation and shift augmentation (False: flips and intensity jitter only).
+        patch, hidden, layers, heads, dropout: MONAI's ViT.
+    """
 
-    name = "vit3d"
-    form = "vit"
+    form: ClassVar[str] = "vit"
+    family: ClassVar[str] = "vit"
+    stage: ClassVar[str] = "vit3d"
+    PROFILES: ClassVar[dict[str, dict]] = {
+        "smoke": dict(n_folds=2, epochs=1, max_steps_per_epoch=2, batch_size=2, slices_per_vertebra=4, size=32,
+                      patch=(2, 16, 16), hidden=64, layers=2, heads=4),
+        "demo": dict(n_folds=3, epochs=6, batch_size=8, slices_per_vertebra=8, size=48, patch=(4, 16, 16),
+                     hidden=96, layers=4, heads=4),
+        "bench": dict(batch_size=16, size=64, hidden=384, layers=8, heads=8),
+        "full": dict(),
+    }
 
-    @staticmethod
-    def for_profile(profile: str, volume: str = "vertebrae") -> ViTSettings:
-        # folds, epochs, steps cap, batch, slices per vertebra, size, patch (d, h, w), hidden, layers, heads
-        table = {"smoke": (2, 1, 2, 2, 4, 32, (2, 16, 16), 64, 2, 4),
-                 "demo": (3, 6, 0, 8, 8, 48, (4, 16, 16), 96, 4, 4),
-                 "bench": (5, 30, 0, 16, 30, 64, (5, 16, 16), 384, 8, 8),
-                 "full": (5, 30, 0, 4, 30, 128, (5, 16, 16), 768, 12, 12)}
-        folds, epochs, steps, batch, per_vertebra, size, patch, hidden, layers, heads = table[profile]
-        # rotate_shift False: flips and intensity jitter only, as the CNN; with the warp the CPU pilot stayed at the
-        # prior (OOF loss 1.00x), with flips alone 0.72x, mean vertebra AUC 0.59 -> 0.78
-        params = (("volume", volume), ("crop", "vertebra"), ("slices_per_vertebra", per_vertebra), ("keep_every", 2),
-                  ("size", size), ("stem", (24, 48)),
-                  ("encode", "vertebra" if volume == "vertebrae" else "volume"),
-                  ("train_on", "vertebrae" if volume == "vertebrae" else "studies"), ("rotate_shift", False),
-                  ("patch", patch), ("hidden", hidden), ("layers", layers), ("heads", heads), ("dropout", 0.1))
-        cfg = TrainConfig(stage="vit3d", model="monai_vit", epochs=epochs, batch_size=batch, lr=3e-4,
-                          patience=5, max_steps_per_epoch=steps, params=params)
-        return ViTSettings(cfg, folds)
+    n_folds: int = 5
+    model: str = "monai_vit"
+    epochs: int = 30
+    max_steps_per_epoch: int = 0
+    batch_size: int = 4
+    lr: float = 3e-4
+    patience: int = 5
+    volume: str = "vertebrae"
+    crop: str = "vertebra"
+    slices_per_vertebra: int = 30
+    keep_every: int = 2
+    size: int = 128
+    stem: tuple[int, ...] = (24, 48)
+    encode: str = "vertebra"
+    train_on: str = "vertebrae"
+    rotate_shift: bool = False
+    patch: tuple[int, int, int] = (5, 16, 16)
+    hidden: int = 768
+    layers: int = 12
+    heads: int = 12
+    dropout: float = 0.1
+
+    name: ClassVar[str] = "vit3d"
+    slices_first: ClassVar[bool] = False
+    slice_loss: ClassVar[float] = 0.0
+
+    @classmethod
+    def for_profile(cls, profile: str, volume: str = "vertebrae", **overrides) -> ViTSettings:
+        """`volume="study"` encodes and trains on the whole resampled study, as seed 004 does."""
+        whole = {"encode": "volume", "train_on": "studies"} if volume == "study" else {}
+        return super().for_profile(profile, volume=volume, **whole, **overrides)
 
     @property
     def depth(self) -> int:
-        p = dict(self.cfg.params)
-        return 7 * len(range(0, p["slices_per_vertebra"], p["keep_every"]))
+        return 7 * len(range(0, self.slices_per_vertebra, self.keep_every))
+
+    @property
+    def uses_localisation(self) -> bool:
+        return self.volume == "vertebrae"
+
+    def input_fields(self) -> dict:
+        return {k: getattr(self, k) for k in ("volume", "crop", "slices_per_vertebra", "keep_every", "size")}
+
+    def study_input(self, entry: dict, loc: StudyLocalisation) -> tuple[np.ndarray, dict]:
+        """uint8 [C, depth, size, size] and its meta (the slice of every depth, `used` [depth])."""
+        meta = {"slice_numbers": entry["slice_numbers"], "cache_size": tuple(entry["images"].shape[1:3]),
+                "original_size": tuple(int(v) for v in entry["original_shape"][1:])}
+        if self.volume == "vertebrae":
+            x, meta["used"] = vertebra_volume(entry["images"], loc.rows, self.slices_per_vertebra, self.keep_every,
+                                              self.size, self.crop)
+        else:
+            x = study_volume(entry["images"], self.depth, self.size)
+            meta["used"] = np.rint(np.linspace(0, len(entry["images"]) - 1, self.depth)).astype(int)
+        return x, meta
+
+    @staticmethod
+    def in_channels(x: np.ndarray) -> int:
+        return int(x.shape[0])
+
+    @staticmethod
+    def image_channels(channels: int) -> None:
+        return None
+
+    @property
+    def trains_on_vertebrae(self) -> bool:
+        return self.train_on == "vertebrae"
+
+    @property
+    def patient_modes(self) -> tuple[str, ...]:
+        return ("head", "product") if self.trains_on_vertebrae else ("head",)
+
+    @staticmethod
+    def vertebra_block(x: np.ndarray, k: int) -> np.ndarray:
+        """Vertebra k's block [C, depth / 7, H, W] of a volume [C, depth, H, W]."""
+        d = x.shape[1] // 7
+        return x[:, k * d:(k + 1) * d]
 
 
 def _cervical_box(ranges: pd.DataFrame | None, h: int, w: int, margin: float = 0.25) -> tuple[int, int, int, int]:
@@ -118,22 +187,3 @@ def study_volume(images: np.ndarray, depth: int, size: int) -> np.ndarray:
     x = torch.from_numpy(images).permute(3, 0, 1, 2)[None].float()
     x = nn.functional.interpolate(x, size=(depth, size, size), mode="trilinear", align_corners=False)[0]
     return x.round().clamp(0, 255).to(torch.uint8).numpy()
-
-
-def build_volumes(data_dir: str | os.PathLike, work_dir: str | os.PathLike, spec: CacheSpec, settings: ViTSettings,
-                  split: str) -> tuple[list[str], list[np.ndarray]]:
-    """(uids, volumes) of every readable study of a split, from the cache and notebook 02's ranges."""
-    p = dict(settings.cfg.params)
-    loc_path = Path(work_dir) / "localisation" / "vertebrae.csv"
-    loc = pd.read_csv(loc_path) if loc_path.exists() else None
-    uids, volumes = [], []
-    for _, uid, entry in iter_cached(data_dir, work_dir, spec, (split,)):
-        if p["volume"] == "vertebrae":
-            rows = loc[loc.StudyInstanceUID == uid] if loc is not None else None
-            vol, _ = vertebra_volume(entry["images"], rows, p["slices_per_vertebra"], p["keep_every"], p["size"],
-                                     p.get("crop", "spine"))
-        else:
-            vol = study_volume(entry["images"], settings.depth, p["size"])
-        uids.append(uid)
-        volumes.append(vol)
-    return uids, volumes

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from kernel_utils.layout import WorkLayout
 from kernel_utils.metric import TARGETS
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ def list_test_studies(data_dir: str | os.PathLike, work_dir: str | os.PathLike |
     uids = list(dict.fromkeys(named + present))
     table = pd.DataFrame({"StudyInstanceUID": uids, "in_test_csv": [u in set(named) for u in uids],
                           "has_images": [u in set(present) for u in uids]})
-    summary_path = Path(work_dir) / "preprocess_summary.csv" if work_dir else None
+    summary_path = WorkLayout(work_dir).preprocess_summary if work_dir else None
     if summary_path is not None and summary_path.exists():
         summary = pd.read_csv(summary_path)
         summary = summary[summary.split == "test"].set_index("StudyInstanceUID")

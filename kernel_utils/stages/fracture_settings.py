@@ -1,0 +1,204 @@
+"""The two CNN + BiLSTM forms of notebook 03 as typed settings: what each trains, how its input of one study is
+made, and the profile overrides. Both follow the stage contract of `stages/stage.py` (as `ViTSettings` does).
+
+Per vertebra (the winners' form): each of C1..C7 is a sequence of 2.5D crops; the model trains on single vertebrae
+(seven samples a study), with a per-slice auxiliary loss where `train_bounding_boxes.csv` tells which sampled
+slices hold the fracture, then its patient head on the frozen vertebra features.
+Study level (seed 002): evenly spaced whole slices, three windows as colours, the Otsu crop; the CNN first learns
+single slices, then the BiLSTM the sequences of its frozen features (`train="end_to_end"` trains both at once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from kernel_utils.settings import StageSettings
+from kernel_utils.stages.fracture_data import crop_box_on_cache, study_sequence, study_slices, vertebra_stacks
+from kernel_utils.stages.study_localisation import StudyLocalisation
+
+FORMS = ("vertebra", "study")
+
+
+def _entry_meta(entry: dict) -> dict:
+    return {"slice_numbers": entry["slice_numbers"], "cache_size": tuple(entry["images"].shape[1:3]),
+            "original_size": tuple(int(v) for v in entry["original_shape"][1:])}
+
+
+@dataclass(frozen=True)
+class CnnLstmSettings(StageSettings):
+    """What both CNN + BiLSTM forms have: folds, the backbone and its weights file, the optimiser, the BiLSTM width.
+    `variant` names a second model of one form apart (another backbone for the blend)."""
+
+    family: ClassVar[str] = "fracture"
+
+    n_folds: int = 5
+    variant: str = ""
+    model: str = ""
+    pretrained_path: str = ""
+    epochs: int = 15
+    max_steps_per_epoch: int = 0
+    batch_size: int = 8
+    lr: float = 1e-3
+    patience: int = 4
+    hidden: int = 128
+
+    @property
+    def name(self) -> str:
+        return f"cnn_lstm_{self.form}" + (f"_{self.variant}" if self.variant else "")
+
+    @staticmethod
+    def in_channels(x: np.ndarray) -> int:
+        return int(x.shape[-3])
+
+
+@dataclass(frozen=True)
+class VertebraSettings(CnnLstmSettings):
+    """Per-vertebra CNN + BiLSTM.
+
+    Attributes:
+        n_slices, context, step, crop: N slices per vertebra, neighbours at -context..context times step as
+            channels, each crop resized to crop x crop.
+        channel: the cached window the 2.5D stack is cut from (0 soft tissue, 1 standard bone, 2 gross bone).
+        train_on: "vertebrae" (one sample per vertebra, then the patient head) or "studies" (end to end).
+        rotate_shift: the small rotation and shift augmentation (False: flips and intensity jitter only).
+        slice_loss: weight of the per-slice auxiliary loss (0 turns it off).
+    """
+
+    form: ClassVar[str] = "vertebra"
+    stage: ClassVar[str] = "cnn_lstm_vertebra"
+    PROFILES: ClassVar[dict[str, dict]] = {
+        "smoke": dict(n_folds=2, epochs=1, max_steps_per_epoch=2, batch_size=4, n_slices=5, crop=32,
+                      model="tf_efficientnetv2_b0"),
+        "demo": dict(n_folds=3, epochs=3, n_slices=9, crop=48, model="tf_efficientnetv2_b0"),
+        "bench": dict(epochs=25, crop=64, model="tf_efficientnetv2_b0"),
+        "full": dict(),
+    }
+
+    model: str = "tf_efficientnetv2_s"
+    n_slices: int = 15
+    context: int = 1
+    step: int = 1
+    crop: int = 128
+    channel: int = 2
+    train_on: str = "vertebrae"
+    rotate_shift: bool = False
+    slice_loss: float = 1.0
+
+    uses_localisation: ClassVar[bool] = True
+
+    def input_fields(self) -> dict:
+        return {k: getattr(self, k) for k in ("n_slices", "context", "step", "crop", "channel")}
+
+    def study_input(self, entry: dict, loc: StudyLocalisation) -> tuple[np.ndarray, dict]:
+        """uint8 [7, N, 2 * context + 2, crop, crop] and its meta (used slices [7, N], crop boxes [7, 4])."""
+        meta = _entry_meta(entry)
+        x, meta["used"], meta["crop_boxes"] = vertebra_stacks(
+            entry["images"], loc.load_mask(), loc.rows, self.n_slices, self.context, self.step, self.crop,
+            self.channel)
+        return x, meta
+
+    def image_channels(self, channels: int) -> int:
+        """Leading channels that get intensity jitter: all but the mask."""
+        return channels - 1
+
+    @property
+    def trains_on_vertebrae(self) -> bool:
+        return self.train_on == "vertebrae"
+
+    slices_first: ClassVar[bool] = False
+    patient_modes: ClassVar[tuple[str, ...]] = ("head", "product")
+
+    @staticmethod
+    def vertebra_block(x: np.ndarray, k: int) -> np.ndarray:
+        return x[k]
+
+
+@dataclass(frozen=True)
+class StudySettings(CnnLstmSettings):
+    """Seed 002's study-level ResNet + BiLSTM.
+
+    Attributes:
+        n_slices, size: N slices evenly spaced through the study, each Otsu-cropped and resized to size x size.
+        train: "slices_then_sequence" (seed 002: the CNN on labelled slices, then the BiLSTM on its frozen
+            features) or "end_to_end".
+        rotate_shift: the small rotation and shift augmentation (seed 002's), besides flips and jitter.
+    """
+
+    form: ClassVar[str] = "study"
+    stage: ClassVar[str] = "cnn_lstm_study"
+    PROFILES: ClassVar[dict[str, dict]] = {
+        "smoke": dict(n_folds=2, epochs=1, max_steps_per_epoch=2, batch_size=4, n_slices=8, size=32,
+                      model="resnet18"),
+        "demo": dict(n_folds=3, epochs=3, n_slices=16, size=64, model="resnet18"),
+        "bench": dict(epochs=25, n_slices=32, size=96),
+        "full": dict(),
+    }
+
+    model: str = "resnet50"
+    lr: float = 2e-4
+    n_slices: int = 64
+    size: int = 256
+    train: str = "slices_then_sequence"
+    rotate_shift: bool = True
+
+    uses_localisation: ClassVar[bool] = False
+
+    def input_fields(self) -> dict:
+        return {"n_slices": self.n_slices, "size": self.size}
+
+    def study_input(self, entry: dict, loc: StudyLocalisation) -> tuple[np.ndarray, dict]:
+        """uint8 [N, C, size, size] and its meta (used slices [N])."""
+        meta = _entry_meta(entry)
+        meta["used"] = study_slices(len(entry["images"]), self.n_slices)
+        return study_sequence(entry["images"], crop_box_on_cache(entry), self.n_slices, self.size), meta
+
+    trains_on_vertebrae: ClassVar[bool] = False
+    patient_modes: ClassVar[tuple[str, ...]] = ("head",)
+    slice_loss: ClassVar[float] = 0.0
+
+    def image_channels(self, channels: int) -> int:
+        return channels
+
+    @property
+    def slices_first(self) -> bool:
+        return self.train == "slices_then_sequence"
+
+
+SETTINGS = {"vertebra": VertebraSettings, "study": StudySettings}
+
+
+def fracture_settings(profile: str, form: str, model: str = "", pretrained_path: str = "",
+                      variant: str = "") -> VertebraSettings | StudySettings:
+    """The profile's settings of one form; empty model / weights keep the profile's (random initialisation)."""
+    if form not in SETTINGS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    return SETTINGS[form].for_profile(profile, model=model, pretrained_path=pretrained_path, variant=variant)
+
+
+def _names(csv: str) -> list[str]:
+    return [item.strip() for item in csv.split(",") if item.strip()]
+
+
+def planned_runs(profile: str, forms: str, models: dict[str, str], pretrained: dict[str, str],
+                 extra_vertebra_models: str = "", extra_pretrained: str = "") -> list[tuple[str, StageSettings]]:
+    """Notebook 03's models, as (key, settings): each form of the comma-separated `forms` with its backbone and weights
+    file (`models`, `pretrained`: form -> timm name, path; empty: the profile's, random initialisation), keyed by form,
+    then each extra per-vertebra backbone (comma-separated), keyed by its prediction name, with the weights file at the
+    same place in `extra_pretrained` (empty: random initialisation for all)."""
+    chosen = _names(forms)
+    extra, weights = _names(extra_vertebra_models), _names(extra_pretrained)
+    if weights and len(weights) != len(extra):
+        raise ValueError(f"{len(weights)} extra weights files for {len(extra)} extra backbones: give one per backbone "
+                         f"({extra_pretrained!r} for {extra_vertebra_models!r})")
+    if extra and "vertebra" not in chosen:
+        raise ValueError(f"extra per-vertebra backbones {extra} given, but the forms {chosen} leave out 'vertebra'")
+    runs = [(form, fracture_settings(profile, form, models.get(form, ""), pretrained.get(form, "")))
+            for form in chosen]
+    for i, model in enumerate(extra):
+        settings = fracture_settings(profile, "vertebra", model, weights[i] if weights else "", model)
+        runs.append((settings.name, settings))
+    return runs
+
