@@ -13,7 +13,8 @@ DATA_ENV, WORK_ENV = "RSNA_DATA_DIR", "RSNA_WORK_DIR"
 
 @dataclass(frozen=True)
 class Profile:
-    """How big a run is: the cached image size and, for `make run`, the synthetic dataset it makes.
+    """How big a run is: the cached image size and, for `make run`, the synthetic dataset it makes (its size and how
+    hard its fractures are to see).
 
     smoke: tests, seconds. demo: the default of `make run`, minutes on 2 CPU cores.
     bench: benchmark quality and speed. full: real data on a GPU.
@@ -26,11 +27,13 @@ class Profile:
     synthetic_size: int
     compress_cache: bool = False
     workers: int = 2
+    synthetic_difficulty: float = 0.5  # 0: wide displaced fractures, 1: hairline (`dev.synthetic`)
 
 
 PROFILES = {
     "smoke": Profile("smoke", image_size=64, synthetic_train=12, synthetic_test=4, synthetic_size=64),
-    "demo": Profile("demo", image_size=96, synthetic_train=48, synthetic_test=8, synthetic_size=96),
+    "demo": Profile("demo", image_size=96, synthetic_train=48, synthetic_test=8, synthetic_size=96,
+                    synthetic_difficulty=0.3),
     "bench": Profile("bench", image_size=128, synthetic_train=240, synthetic_test=40, synthetic_size=128),
     "full": Profile("full", image_size=256, synthetic_train=40, synthetic_test=10, synthetic_size=512,
                     compress_cache=True, workers=os.cpu_count() or 2),

@@ -27,6 +27,7 @@ from kernel_utils.stages.fracture import (
     cross_validate_fracture,
     fit_patient_head,
     labelled_slices,
+    sequence_phase_config,
     slice_phase_config,
     vertebra_samples,
     with_patient_mode,
@@ -233,7 +234,7 @@ def test_the_study_form_trains_its_cnn_on_slices_first(tmp_path):
                                  slice_targets=slice_targets)
     assert set(cv["histories"].model) == {"cnn_lstm_study (CNN on slices)", "cnn_lstm_study"}
     for fold in (0, 1):
-        for cfg in (settings.cfg, slice_phase_config(settings.cfg)):
+        for cfg in (settings.cfg, slice_phase_config(settings.cfg), sequence_phase_config(settings)):
             assert checkpoint_paths(tmp_path, cfg, fold)[0].exists()
     assert cv["raw_oof"].shape == (8, 8) and np.isfinite(cv["raw_oof"]).all()
 

@@ -59,6 +59,7 @@ def test_views_read_only_the_part_asked_for(tmp_path):
     blocks = Views(store, [(i, k) for i in range(3) for k in range(7)], VertebraSettings.vertebra_block)
     assert len(blocks) == 21 and np.array_equal(blocks[9], arrays[1][2])
     assert isinstance(blocks.view(9), np.memmap)  # mapped, not read
+    assert not isinstance(blocks[9], np.memmap) and blocks[9].flags.writeable  # copied out, the map let go
     assert [x.tolist() for x in store] == [x.tolist() for x in arrays]
     assert np.array_equal(store.subset([2])[0], arrays[2])
 

@@ -33,7 +33,7 @@ def ensure_synthetic(work_dir: Path, profile_name: str, seed: int = 0) -> Path:
     profile = get_profile(profile_name)
     out = work_dir / f"synthetic_{profile.name}"
     wanted = {"n_train": profile.synthetic_train, "n_test": profile.synthetic_test,
-              "size": profile.synthetic_size, "seed": seed}
+              "size": profile.synthetic_size, "seed": seed, "difficulty": profile.synthetic_difficulty}
     marker = out / "_truth" / "dataset.json"
     if marker.exists() and all(json.loads(marker.read_text()).get(k) == v for k, v in wanted.items()):
         return out
@@ -41,7 +41,8 @@ def ensure_synthetic(work_dir: Path, profile_name: str, seed: int = 0) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
     print(f"making the {profile.name} synthetic dataset: {wanted}", flush=True)
-    make_dataset(str(tmp), profile.synthetic_train, profile.synthetic_test, profile.synthetic_size, seed)
+    make_dataset(str(tmp), profile.synthetic_train, profile.synthetic_test, profile.synthetic_size, seed,
+                 profile.synthetic_difficulty)
     tmp.rename(out)
     return out
 

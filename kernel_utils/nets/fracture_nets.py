@@ -101,8 +101,12 @@ class SequenceEncoder(nn.Module):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, N, C, H, W] -> (pooled features [B, 4 * hidden], per-slice CNN features [B, N, F])."""
         slices = self.slice_features(x)
+        return self.pool(slices), slices
+
+    def pool(self, slices: torch.Tensor) -> torch.Tensor:
+        """Per-slice CNN features [B, N, F] -> the BiLSTM's mean- and max-pooled outputs [B, 4 * hidden]."""
         seq, _ = self.lstm(self.dropout(slices))  # [B, N, 2 * hidden]
-        return torch.cat([seq.mean(dim=1), seq.amax(dim=1)], dim=1), slices
+        return torch.cat([seq.mean(dim=1), seq.amax(dim=1)], dim=1)
 
 
 class VertebraCnnLstm(nn.Module):
@@ -171,6 +175,21 @@ class StudyCnnLstm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x))
+
+
+class SequenceOnFeatures(nn.Module):
+    """Seed 002's second phase on frozen features: the study model's BiLSTM and head over per-slice CNN features,
+    sharing their modules with the model, so training it trains them (the frozen CNN is not run).
+
+    forward: features [B, N, F] -> logits [B, 8].
+    """
+
+    def __init__(self, model: StudyCnnLstm):
+        super().__init__()
+        self.encoder, self.head = model.encoder, model.head
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder.pool(feats))
 
 
 @register("cnn_lstm_vertebra")

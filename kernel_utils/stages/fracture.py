@@ -22,6 +22,7 @@ from kernel_utils.layout import layout_of, write_csv, write_json
 from kernel_utils.metric import NORMALIZATIONS, TARGETS, competition_loss
 from kernel_utils.nets import create_model
 from kernel_utils.nets.fracture_nets import (
+    SequenceOnFeatures,
     SliceFracture,
     batch_loss,
     vertebra_batch_loss,
@@ -30,6 +31,7 @@ from kernel_utils.nets.fracture_nets import (
 )
 from kernel_utils.stages.fracture_data import FractureDataset, targets_of
 from kernel_utils.stages.inputs import Views
+from kernel_utils.stages.localisation_data import FeatureSequences
 from kernel_utils.training import (
     TrainConfig,
     atomic_save,
@@ -121,6 +123,17 @@ def slice_phase_config(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, stage=f"{cfg.stage}_slices", batch_size=max(16, cfg.batch_size))
 
 
+def sequence_phase_config(settings) -> TrainConfig:
+    """The study form's second phase: the BiLSTM and head on frozen slice features, its own checkpoints."""
+    return dataclasses.replace(settings.cfg, stage=f"{settings.cfg.stage}_sequence", epochs=settings.sequence_epochs,
+                               lr=settings.sequence_lr)
+
+
+def slice_features_of(model, inputs: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
+    """The study model's per-slice CNN features of every study, float32 [S, N, F]."""
+    return predict(model, FractureDataset(inputs, None), batch_size, forward=model.encoder.slice_features)
+
+
 def labelled_slices(inputs: Sequence[np.ndarray], slice_targets: np.ndarray, augment: bool,
                     image_channels: int | None, rotate_shift: bool = True) -> FractureDataset:
     """The slices of study-form inputs [N, C, H, W] whose image-level label is known: images [C, H, W], target [1]."""
@@ -169,6 +182,16 @@ def _train_fold(settings, model, inputs, targets, slice_targets, tr, va, fold, o
             load_best(first, out_dir, slice_cfg, fold)
             model.encoder.freeze_backbone()
             phases.append((f"{settings.name} (CNN on slices)", hist))
+            feats = slice_features_of(model, inputs, slice_cfg.batch_size)
+            seq_cfg = sequence_phase_config(settings)
+            hist = fit(SequenceOnFeatures(model), FeatureSequences(list(feats[tr]), list(targets[tr])),
+                       FeatureSequences(list(feats[va]), list(targets[va])), batch_loss, seq_cfg, out_dir, fold,
+                       progress=progress)
+            load_best(SequenceOnFeatures(model), out_dir, seq_cfg, fold)
+            best_path, _ = checkpoint_paths(Path(out_dir), settings.cfg, fold)
+            atomic_save({"model": model.state_dict(), "config": settings.cfg.to_json(),
+                         "score": float(hist.get("valid_loss", hist.train_loss).min())}, best_path)
+            return [*phases, (settings.name, hist)]
     train_ds = FractureDataset(tr_inputs, targets[tr], augment=True, image_channels=image_channels,
                                rotate_shift=settings.rotate_shift)
     hist = fit(model, train_ds, FractureDataset(va_inputs, targets[va]), batch_loss, settings.cfg, out_dir,

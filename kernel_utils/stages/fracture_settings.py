@@ -123,7 +123,8 @@ class StudySettings(CnnLstmSettings):
     Attributes:
         n_slices, size: N slices evenly spaced through the study, each Otsu-cropped and resized to size x size.
         train: "slices_then_sequence" (seed 002: the CNN on labelled slices, then the BiLSTM on its frozen
-            features) or "end_to_end".
+            features, extracted once) or "end_to_end".
+        sequence_epochs, sequence_lr: the BiLSTM's training on the frozen features.
         rotate_shift: the small rotation and shift augmentation (seed 002's), besides flips and jitter.
     """
 
@@ -131,7 +132,7 @@ class StudySettings(CnnLstmSettings):
     stage: ClassVar[str] = "cnn_lstm_study"
     PROFILES: ClassVar[dict[str, dict]] = {
         "smoke": dict(n_folds=2, epochs=1, max_steps_per_epoch=2, batch_size=4, n_slices=8, size=32,
-                      model="resnet18"),
+                      model="resnet18", sequence_epochs=2),
         "demo": dict(n_folds=3, epochs=3, n_slices=16, size=64, model="resnet18"),
         "bench": dict(epochs=25, n_slices=32, size=96),
         "full": dict(),
@@ -143,6 +144,8 @@ class StudySettings(CnnLstmSettings):
     size: int = 256
     train: str = "slices_then_sequence"
     rotate_shift: bool = True
+    sequence_epochs: int = 40
+    sequence_lr: float = 1e-3
 
     uses_localisation: ClassVar[bool] = False
 

@@ -68,7 +68,9 @@ class Views(Sequence):
         return self.pick(self.source.view(i) if hasattr(self.source, "view") else self.source[i], key)
 
     def __getitem__(self, j: int) -> np.ndarray:
-        return np.ascontiguousarray(self.view(j))
+        """Item j in memory (a memory-mapped part is copied out, so no file stays mapped)."""
+        x = self.view(j)
+        return np.array(x) if isinstance(x, np.memmap) or not x.flags.c_contiguous else x
 
 
 def input_key(settings, spec: CacheSpec) -> str:
