@@ -77,18 +77,15 @@ def vertebra_samples(inputs: Sequence[np.ndarray], targets: np.ndarray, augment:
     (`settings.vertebra_block`; default x[k] of per-vertebra inputs [7, N, C, H, W]); target [1], and with
     slice_targets [S, 7, N] (`slice_targets_of`) each slice's label, slice_target [N]."""
     per_slice = None if slice_targets is None else slice_targets.reshape(-1, slice_targets.shape[-1])
-    blocks = Views(inputs, [(i, k) for i in range(len(inputs)) for k in range(7)], block or _vertebra)
+    blocks = Views(inputs, [(i, k) for i in range(len(inputs)) for k in range(7)], block or _item)
     return FractureDataset(blocks, targets[:, :7].reshape(-1, 1),
                            augment=augment, image_channels=image_channels, rotate_shift=rotate_shift,
                            slice_targets=per_slice)
 
 
-def _vertebra(x: np.ndarray, k: int) -> np.ndarray:
-    return x[k]
-
-
-def _slice(x: np.ndarray, j: int) -> np.ndarray:
-    return x[j]
+def _item(x: np.ndarray, i: int) -> np.ndarray:
+    """x[i]: a vertebra of per-vertebra inputs [7, ...], a slice of a study sequence [N, ...]."""
+    return x[i]
 
 
 def fit_patient_head(model: torch.nn.Module, inputs: list[np.ndarray], targets: np.ndarray, seed: int,
@@ -138,7 +135,7 @@ def labelled_slices(inputs: Sequence[np.ndarray], slice_targets: np.ndarray, aug
                     image_channels: int | None, rotate_shift: bool = True) -> FractureDataset:
     """The slices of study-form inputs [N, C, H, W] whose image-level label is known: images [C, H, W], target [1]."""
     known = np.argwhere(~np.isnan(slice_targets))
-    return FractureDataset(Views(inputs, [(int(i), int(j)) for i, j in known], _slice),
+    return FractureDataset(Views(inputs, [(int(i), int(j)) for i, j in known], _item),
                            slice_targets[known[:, 0], known[:, 1], None],
                            augment=augment, image_channels=image_channels, rotate_shift=rotate_shift)
 

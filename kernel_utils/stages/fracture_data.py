@@ -77,6 +77,12 @@ def vertebra_stacks(images: np.ndarray, mask: np.ndarray | None, ranges: pd.Data
     return out, used, boxes
 
 
+def entry_meta(entry: dict) -> dict:
+    """What a study's input meta takes from its cache entry: slice_numbers, cache_size (S, S), original_size (H, W)."""
+    return {"slice_numbers": entry["slice_numbers"], "cache_size": tuple(entry["images"].shape[1:3]),
+            "original_size": tuple(int(v) for v in entry["original_shape"][1:])}
+
+
 def study_slices(z_n: int, n_slices: int) -> np.ndarray:
     """The slice indices the study-level form samples from a study of z_n slices, int [N]."""
     return evenly_spaced(0, z_n - 1, n_slices)

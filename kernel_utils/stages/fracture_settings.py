@@ -16,15 +16,16 @@ from typing import ClassVar
 import numpy as np
 
 from kernel_utils.settings import StageSettings
-from kernel_utils.stages.fracture_data import crop_box_on_cache, study_sequence, study_slices, vertebra_stacks
+from kernel_utils.stages.fracture_data import (
+    crop_box_on_cache,
+    entry_meta,
+    study_sequence,
+    study_slices,
+    vertebra_stacks,
+)
 from kernel_utils.stages.study_localisation import StudyLocalisation
 
 FORMS = ("vertebra", "study")
-
-
-def _entry_meta(entry: dict) -> dict:
-    return {"slice_numbers": entry["slice_numbers"], "cache_size": tuple(entry["images"].shape[1:3]),
-            "original_size": tuple(int(v) for v in entry["original_shape"][1:])}
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class VertebraSettings(CnnLstmSettings):
 
     def study_input(self, entry: dict, loc: StudyLocalisation) -> tuple[np.ndarray, dict]:
         """uint8 [7, N, 2 * context + 2, crop, crop] and its meta (used slices [7, N], crop boxes [7, 4])."""
-        meta = _entry_meta(entry)
+        meta = entry_meta(entry)
         x, meta["used"], meta["crop_boxes"] = vertebra_stacks(
             entry["images"], loc.load_mask(), loc.rows, self.n_slices, self.context, self.step, self.crop,
             self.channel)
@@ -154,7 +155,7 @@ class StudySettings(CnnLstmSettings):
 
     def study_input(self, entry: dict, loc: StudyLocalisation) -> tuple[np.ndarray, dict]:
         """uint8 [N, C, size, size] and its meta (used slices [N])."""
-        meta = _entry_meta(entry)
+        meta = entry_meta(entry)
         meta["used"] = study_slices(len(entry["images"]), self.n_slices)
         return study_sequence(entry["images"], crop_box_on_cache(entry), self.n_slices, self.size), meta
 

@@ -37,7 +37,8 @@ class SliceDataset(Dataset):
 
 
 class FeatureSequences(Dataset):
-    """One item a study: image float [Z, F] per-slice features, target float [Z, 7] when presence is known."""
+    """One item a study: image float [Z, F] per-slice features, and when given its target (the slices' presence
+    [Z, 7] for the localisation BiGRU, the study's labels [8] for the study form's BiLSTM)."""
 
     def __init__(self, features: list[np.ndarray], presence: list[np.ndarray] | None = None):
         self.features, self.presence = features, presence

@@ -10,6 +10,7 @@ A form's settings (`VertebraSettings`, `StudySettings`, `ViTSettings`) give:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -103,10 +104,7 @@ class TrainedModel:
 
     def predict(self, entry: dict, localisation: StudyLocalisation, clock=None) -> np.ndarray:
         """P(C1..C7, patient_overall) of one study, float [8]; `clock.data()` times the input building."""
-        if clock is not None:
-            with clock.data():
-                x, _ = self.settings.study_input(entry, localisation)
-        else:
+        with clock.data() if clock is not None else contextlib.nullcontext():
             x, _ = self.settings.study_input(entry, localisation)
         if self.models is None:
             self.models = load_fold_models(self.settings, self.settings.in_channels(x), self.folder, self.n_folds)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from kernel_utils.settings import StageSettings
-from kernel_utils.stages.fracture_data import evenly_spaced, square_box
+from kernel_utils.stages.fracture_data import entry_meta, evenly_spaced, square_box
 from kernel_utils.stages.study_localisation import StudyLocalisation
 
 log = logging.getLogger(__name__)
@@ -98,8 +98,7 @@ class ViTSettings(StageSettings):
 
     def study_input(self, entry: dict, loc: StudyLocalisation) -> tuple[np.ndarray, dict]:
         """uint8 [C, depth, size, size] and its meta (the slice of every depth, `used` [depth])."""
-        meta = {"slice_numbers": entry["slice_numbers"], "cache_size": tuple(entry["images"].shape[1:3]),
-                "original_size": tuple(int(v) for v in entry["original_shape"][1:])}
+        meta = entry_meta(entry)
         if self.volume == "vertebrae":
             x, meta["used"] = vertebra_volume(entry["images"], loc.rows, self.slices_per_vertebra, self.keep_every,
                                               self.size, self.crop)

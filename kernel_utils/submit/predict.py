@@ -92,11 +92,11 @@ def predict_test(data_dir: str | os.PathLike, work_dir: str | os.PathLike, out_p
     running = [TrainedModel(layout, name) for name, w in zip(meta["models"], weights.sum(axis=0), strict=True)
                if name != "prior" and (all_models or w > 0)]
     probs = {m.name: [] for m in running}
-    uids = []
+    uids = [] if running else list(studies)  # only the prior: nothing to read
     localiser = None
     if running and any(m.settings.uses_localisation for m in running):
         localiser = Localiser(layout, len(spec.windows), spec.crop)
-    entries = timing.timed_stage("read_cache", iter_cached(data_dir, layout.root, spec, ("test",)))
+    entries = timing.timed_stage("read_cache", iter_cached(data_dir, layout.root, spec, ("test",))) if running else []
     for _, uid, entry in tqdm(entries, total=len(studies), desc="test studies"):
         loc = StudyLocalisation()
         if localiser is not None:
