@@ -21,14 +21,14 @@ import torch
 
 from benchmarks.common import prepared_data, write_result
 from kernel_utils.io.cache import iter_cached, profile_cache_spec
-from kernel_utils.stages.localisation import accuracy_table, cross_validate, range_table
+from kernel_utils.stages.localisation import accuracy_table, cross_validate, range_table, segmented_studies
 from kernel_utils.stages.localisation_data import best_possible_dice
 from kernel_utils.stages.localisation_settings import LocalisationSettings
 
 
 def dice_ceiling(studies: list[dict], size: int) -> float:
-    """Mean over the studies of `best_possible_dice` at a cube side."""
-    return round(float(np.mean([best_possible_dice(s["mask"], size) for s in studies])), 4)
+    """Mean over the studies of `best_possible_dice` at a cube side (cut from each study's roi)."""
+    return round(float(np.mean([best_possible_dice(s["mask"], size, s["roi"]) for s in studies])), 4)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seg-epochs", type=int, default=-1, help="3D UNet epochs; -1: the profile's; 0: not trained "
                     "(one step, so the run goes through; no Dice reported)")
     ap.add_argument("--seg-size", type=int, default=0, help="3D UNet cube side; 0: the profile's")
+    ap.add_argument("--seg-width", type=int, default=0, help="3D UNet first-level channels; 0: the profile's")
+    ap.add_argument("--seg-lr", type=float, default=0.0, help="3D UNet learning rate; 0: the profile's")
+    ap.add_argument("--seg-res-units", type=int, default=-1, help="UNet residual units; -1: the profile's")
+    ap.add_argument("--seg-region", default="", help="frame | bone; empty: the profile's")
+    ap.add_argument("--seg-margin", type=float, default=0.0, help="bone box margin; 0: the profile's")
     ap.add_argument("--unet-only", action="store_true", help="train and score the 3D UNet alone")
     ap.add_argument("--ceiling-only", action="store_true",
                     help="no training: the mean Dice of a perfect prediction at cube sides 64, 96, 128")
@@ -48,16 +53,21 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     data_dir, work_dir = prepared_data(args.profile, workers=args.workers)
     spec = profile_cache_spec(args.profile)
-    studies = [{"uid": u, "images": e["images"], "mask": e["mask"]}
-               for _, u, e in iter_cached(data_dir, work_dir, spec, ("train",), only_masked=True)]
     settings = LocalisationSettings.for_profile(args.profile, slice_model=args.slice_model)
+    changes = {"n_folds": args.folds, "slice_epochs": args.epochs, "seg_size": args.seg_size,
+               "seg_width": args.seg_width, "seg_lr": args.seg_lr, "seg_region": args.seg_region,
+               "seg_margin": args.seg_margin}
+    settings = dataclasses.replace(settings, **{k: v for k, v in changes.items() if v})
+    if args.seg_res_units >= 0:
+        settings = dataclasses.replace(settings, seg_res_units=args.seg_res_units)
+    studies = segmented_studies(iter_cached(data_dir, work_dir, spec, ("train",), only_masked=True), settings,
+                                spec.crop)
     if args.ceiling_only:
         return write_result(f"localisation_{args.profile}_dice_ceiling", {
             "profile": args.profile, "segmented_studies": len(studies), "image_size": spec.image_size,
             "what": "mean Dice over C1..C7 of the true mask at the cube side, brought back to the cache grid",
+            "seg_region": settings.seg_region,
             "dice_ceiling": {size: dice_ceiling(studies, size) for size in sorted({64, 96, 128, settings.seg_size})}})
-    changes = {"n_folds": args.folds, "slice_epochs": args.epochs, "seg_size": args.seg_size}
-    settings = dataclasses.replace(settings, **{k: v for k, v in changes.items() if v})
     if args.seg_epochs >= 0:  # 0: one step of one epoch (the Dice of an untrained UNet is not asked)
         steps = 1 if args.seg_epochs == 0 else settings.max_steps_per_epoch
         settings = dataclasses.replace(settings, seg_epochs=max(args.seg_epochs, 1), max_steps_per_epoch=steps)
@@ -73,7 +83,10 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "profile": args.profile, "segmented_studies": len(studies), "image_size": spec.image_size,
         "seg_size": settings.seg_size, "folds": len(set(cv["folds"].values())),
-        "seg_epochs": settings.seg_cfg.epochs, "dice_ceiling": dice_ceiling(studies, settings.seg_size),
+        "seg_epochs": settings.seg_cfg.epochs, "seg_width": settings.seg_width, "seg_lr": settings.seg_lr,
+        "seg_region": settings.seg_region, "seg_margin": settings.seg_margin,
+        "seg_res_units": settings.seg_res_units,
+        "dice_ceiling": dice_ceiling(studies, settings.seg_size),
         "seconds": cv["seconds"],
         "total_seconds": time.perf_counter() - start, "checkpoints_reused": reused,
         "targets": {"cnn_overall_accuracy": 0.95, "mean_dice": 0.90}}

@@ -79,6 +79,12 @@ class WorkLayout:
         return self.root / "cache"
 
     @property
+    def derived(self) -> tuple[Path, ...]:
+        """Everything made from the data (cache entries are named by study uid alone): stale once the data change."""
+        return (self.cache, self.preprocess_summary, self.localisation, self.root / "inputs", self.root / "models",
+                self.predictions)
+
+    @property
     def preprocess_summary(self) -> Path:
         return self.root / "preprocess_summary.csv"
 

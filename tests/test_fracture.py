@@ -9,7 +9,7 @@ import torch
 from conftest import one_step_lowers_loss
 from torch import nn
 
-from kernel_utils.explain.gradcam import cam_box, iou, score_boxes, vertebra_gradcam
+from kernel_utils.explain.gradcam import cam_box, iou, score_boxes, study_gradcam, vertebra_gradcam
 from kernel_utils.metric import TARGETS, competition_loss
 from kernel_utils.nets import create_model
 from kernel_utils.nets.backbones import timm_backbone
@@ -335,6 +335,23 @@ def test_gradcam_box_lands_on_a_planted_activation():
     assert box is not None
     y0, y1, x0, x1 = box
     assert 16 <= y0 <= 22 and 26 <= y1 <= 32 and 0 <= x0 <= 6 and 10 <= x1 <= 16
+
+
+def test_study_gradcam_peaks_on_the_slice_and_spot_that_carry_the_signal():
+    from kernel_utils.nets.fracture_nets import StudyCnnLstm
+
+    model = StudyCnnLstm(SequenceEncoder(_BrightSpot(), hidden=4))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(0.5)
+    x = torch.zeros(5, 2, 32, 32)
+    x[3, 0, 4:12, 20:28] = 1.0  # a bright patch on the fourth slice only
+    cams = study_gradcam(model, x)
+    assert cams.shape == (5, 32, 32) and cams.max() == pytest.approx(1.0)
+    assert int(np.argmax(cams.max(axis=(1, 2)))) == 3
+    assert cams[[0, 1, 2, 4]].max() < 0.5 * cams[3].max()  # one scale for the study: the empty slices stay dark
+    y0, y1, x0, x1 = cam_box(cams[3])
+    assert 0 <= y0 <= 6 and 10 <= y1 <= 16 and 16 <= x0 <= 22 and 26 <= x1 <= 32
 
 
 def test_box_scoring():

@@ -14,6 +14,7 @@ from kernel_utils.stages.localisation_data import (
     VolumeDataset,
     bce_loss,
     best_possible_dice,
+    bone_roi,
     dice_ce_loss,
     dice_per_vertebra,
     mask_to_cube,
@@ -117,6 +118,39 @@ def test_cube_round_trip_keeps_the_vertebrae(rendered):
     assert _mean_dice(labels, labels) == 1.0
     assert best_possible_dice(rendered.labels, 32) == pytest.approx(_mean_dice(back, labels))
     assert best_possible_dice(rendered.labels, 16) < best_possible_dice(rendered.labels, 32)
+
+
+def test_bone_roi_is_the_grown_otsu_box_inside_the_image():
+    entry = {"images": np.zeros((5, 48, 48, 3), np.uint8), "original_shape": (5, 96, 96),
+             "crop_box": (20, 60, 40, 60)}  # original pixels: (10, 30, 20, 30) on the 48 px grid
+    assert bone_roi(entry, 0.25) == (5, 35, 10, 40)  # the longer side 20 grown to 30, centred
+    entry["crop_box"] = (0, 40, 0, 20)
+    assert bone_roi(entry, 0.25) == (0, 30, 0, 30)  # pushed inside the image, still square
+    assert bone_roi(entry, 5.0) == (0, 48, 0, 48)  # never larger than the image
+    assert bone_roi(entry, 0.25, cropped=True) == (0, 48, 0, 48)
+    settings = LocalisationSettings.for_profile("smoke", seg_region="bone")
+    assert settings.seg_roi(entry) == bone_roi(entry, settings.seg_margin)
+    frame = LocalisationSettings.for_profile("smoke", seg_region="frame")
+    assert frame.seg_roi(entry) is None
+    assert settings.seg_cfg.run_name != frame.seg_cfg.run_name  # checkpoints of one are not read for the other
+    with pytest.raises(ValueError, match="seg_region"):
+        LocalisationSettings.for_profile("smoke", seg_region="box").seg_roi(entry)
+
+
+def test_a_cube_cut_from_the_spine_region_resolves_it_finer(rendered):
+    labels = np.where(rendered.labels <= 7, rendered.labels, 0)
+    _, ys, xs = np.nonzero(labels)
+    side = max(ys.max() - ys.min(), xs.max() - xs.min()) + 3
+    roi = (int(ys.min()) - 1, int(ys.min()) - 1 + side, int(xs.min()) - 1, int(xs.min()) - 1 + side)
+    one_hot = torch.nn.functional.one_hot(mask_to_cube(labels, 16, roi), 8).permute(3, 0, 1, 2).float()
+    back = probabilities_to_grid(one_hot, labels.shape, roi=roi)
+    assert back.shape == labels.shape
+    outside = np.ones(labels.shape[1:], bool)
+    outside[roi[0]:roi[1], roi[2]:roi[3]] = False
+    assert not back[:, outside].any()  # background outside the region
+    assert best_possible_dice(labels, 16, roi) == pytest.approx(_mean_dice(back, labels))
+    assert best_possible_dice(labels, 16, roi) > best_possible_dice(labels, 16) + 0.05
+    assert to_cube(labels[..., None].astype(np.uint8), 16, roi).shape == (1, 16, 16, 16)
 
 
 def test_drop_islands_keeps_each_vertebra_to_its_largest_piece():

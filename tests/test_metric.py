@@ -101,3 +101,15 @@ def test_folds_and_cross_validated_prior(reference):
     oof, scores = cross_validate_prior(train, folds)
     assert len(oof) == len(train)
     assert scores.loc["all", "loss_study"] == pytest.approx(0.5640, abs=2e-3)
+
+
+def test_seed002_case_table_puts_the_papers_figures_beside_the_study_forms():
+    from kernel_utils.explain.paper_tables import seed002_case_table
+
+    labels = _table(list("abcd"), [[1] * 8, [1] * 8, [0] * 8, [0] * 8])
+    preds = _table(list("abcd"), [[0.9] * 8, [0.2] * 8, [0.1] * 8, [0.7] * 8])
+    table = seed002_case_table(labels, preds)
+    assert table.loc[("seed 002 (paper, real data)", "as is"), "auc"] == pytest.approx(0.7156)
+    assert table.loc[("seed 002 (paper, real data)", "balanced"), "accuracy"] == pytest.approx(0.7106)
+    ours = table.loc[("kit, study form (out of fold)", "as is")]
+    assert ours.sensitivity == 0.5 and ours.auc == 0.75 and ours.mcc == 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import nibabel as nib
 import numpy as np
@@ -141,3 +142,26 @@ def test_same_seed_same_bytes(tmp_path):
     make_dataset(str(tmp_path / "b"), **args)
     make_dataset(str(tmp_path / "c"), **{**args, "seed": 6})
     assert digest(tmp_path / "a") == digest(tmp_path / "b") != digest(tmp_path / "c")
+
+
+def test_a_remade_synthetic_dataset_takes_what_was_made_from_the_old_one_with_it(tmp_path, monkeypatch):
+    import dataclasses
+
+    from kernel_utils.config import get_profile
+    from kernel_utils.dev import pipeline
+    from kernel_utils.layout import WorkLayout
+
+    small = dataclasses.replace(get_profile("smoke"), synthetic_train=2, synthetic_test=1, synthetic_size=32)
+    monkeypatch.setattr(pipeline, "get_profile", lambda name: small)
+    data = pipeline.ensure_synthetic(tmp_path, "smoke")
+    layout = WorkLayout(tmp_path)
+    stale_entry = layout.cache / "key" / "1.2.3.npz"
+    stale_entry.parent.mkdir(parents=True)
+    stale_entry.write_bytes(b"from the old dataset")
+    layout.preprocess_summary.write_text("old")
+    assert pipeline.ensure_synthetic(tmp_path, "smoke") == data and stale_entry.exists()  # the same: kept
+
+    monkeypatch.setattr(pipeline, "get_profile", lambda name: dataclasses.replace(small, synthetic_difficulty=0.1))
+    pipeline.ensure_synthetic(tmp_path, "smoke")
+    assert json.loads((data / "_truth" / "dataset.json").read_text())["difficulty"] == 0.1
+    assert not layout.cache.exists() and not layout.preprocess_summary.exists()

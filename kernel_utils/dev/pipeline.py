@@ -29,7 +29,9 @@ def notebooks(only: list[str] | None = None) -> list[Path]:
 
 
 def ensure_synthetic(work_dir: Path, profile_name: str, seed: int = 0) -> Path:
-    """The profile's synthetic dataset under work_dir, made once (made in a temp folder, then renamed)."""
+    """The profile's synthetic dataset under work_dir, made once (made in a temp folder, then renamed). Remade
+    when the profile asks for another one, and then everything made from the old one goes too: its studies have
+    the same uids, so its cache entries would otherwise be read as the new ones."""
     profile = get_profile(profile_name)
     out = work_dir / f"synthetic_{profile.name}"
     wanted = {"n_train": profile.synthetic_train, "n_test": profile.synthetic_test,
@@ -39,6 +41,12 @@ def ensure_synthetic(work_dir: Path, profile_name: str, seed: int = 0) -> Path:
         return out
     tmp = work_dir / f".synthetic_{profile.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
+    if out.exists():
+        stale = [p for p in WorkLayout(work_dir).derived if p.exists()]
+        print(f"{out} holds another dataset: removing it and what was made from it "
+              f"({', '.join(p.name for p in stale) or 'nothing'})", flush=True)
+        for p in stale:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
     shutil.rmtree(out, ignore_errors=True)
     print(f"making the {profile.name} synthetic dataset: {wanted}", flush=True)
     make_dataset(str(tmp), profile.synthetic_train, profile.synthetic_test, profile.synthetic_size, seed,

@@ -1,5 +1,6 @@
 """Fracture localisation: Grad-CAM of the per-vertebra CNN + BiLSTM, turned into one box per axial slice, and
-scored against train_bounding_boxes.csv (share of true boxes hit, mean IoU of the hits)."""
+scored against train_bounding_boxes.csv (share of true boxes hit, mean IoU of the hits); Grad-CAM of the study-level
+model over its slices (seed 002's Fig. 3)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,34 @@ class _CaptureFeatureMap(nn.Module):
         return self.inner.forward_head(fmap, pre_logits=True)
 
 
+def _backbone_cams(model: nn.Module, x: torch.Tensor, logit: int) -> torch.Tensor:
+    """Grad-CAM of one logit of a CNN + BiLSTM (`model.encoder.backbone` a timm-style backbone) on every image its
+    backbone sees: x [1, ...] one study's batch -> float [M, h, w] (M images in the order the backbone saw them)."""
+    encoder = model.encoder
+    original = encoder.backbone
+    capture = _CaptureFeatureMap(original)
+    encoder.backbone = capture
+    try:
+        model.eval()
+        dev = next(model.parameters()).device
+        # cuDNN's LSTM has no backward in eval mode: the native kernels do, with the same results
+        with torch.enable_grad(), torch.backends.cudnn.flags(enabled=False):
+            logits = model(x.to(dev).float())
+            model.zero_grad(set_to_none=True)
+            logits[0, logit].backward()
+        fmap, grad = capture.fmap.detach(), capture.fmap.grad.detach()  # [M, F, h, w]
+    finally:
+        encoder.backbone = original
+    return torch.relu((grad.mean(dim=(2, 3), keepdim=True) * fmap).sum(dim=1))
+
+
+def _normalised(cam: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """float [N, h, w] -> float32 [N, H, W] in 0..1, one scale for all (0 where the gradient says nothing)."""
+    cam = nn.functional.interpolate(cam[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    peak = float(cam.max())
+    return (cam / peak if peak > 0 else cam).cpu().numpy().astype(np.float32)
+
+
 def vertebra_gradcam(model: nn.Module, x: torch.Tensor, vertebra: int) -> np.ndarray:
     """Grad-CAM of one vertebra's logit over that vertebra's slices.
 
@@ -40,28 +69,16 @@ def vertebra_gradcam(model: nn.Module, x: torch.Tensor, vertebra: int) -> np.nda
     Returns:
         float32 [N, H, W] in 0..1 (0 where the gradient says nothing), one map per slice of that vertebra.
     """
-    encoder = model.encoder
-    original = encoder.backbone
-    capture = _CaptureFeatureMap(original)
-    encoder.backbone = capture
-    try:
-        model.eval()
-        dev = next(model.parameters()).device
-        # cuDNN's LSTM has no backward in eval mode: the native kernels do, with the same results
-        with torch.enable_grad(), torch.backends.cudnn.flags(enabled=False):
-            logits = model(x[None].to(dev).float())
-            model.zero_grad(set_to_none=True)
-            logits[0, vertebra - 1].backward()
-        fmap, grad = capture.fmap.detach(), capture.fmap.grad.detach()  # [7 * N, F, h, w]
-    finally:
-        encoder.backbone = original
+    cam = _backbone_cams(model, x[None], vertebra - 1)
     n = x.shape[1]
-    fmap = fmap.view(7, n, *fmap.shape[1:])[vertebra - 1]
-    grad = grad.view(7, n, *grad.shape[1:])[vertebra - 1]
-    cam = torch.relu((grad.mean(dim=(2, 3), keepdim=True) * fmap).sum(dim=1))  # [N, h, w]
-    cam = nn.functional.interpolate(cam[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    peak = float(cam.max())
-    return (cam / peak if peak > 0 else cam).cpu().numpy().astype(np.float32)
+    return _normalised(cam.view(7, n, *cam.shape[1:])[vertebra - 1], x.shape[-2:])
+
+
+def study_gradcam(model: nn.Module, x: torch.Tensor, target: int = 7) -> np.ndarray:
+    """Grad-CAM of the study-level model (seed 002's Fig. 3): one logit (index into C1..C7, patient_overall; 7:
+    patient_overall) over every sampled slice. x float [N, C, H, W] -> float32 [N, H, W] in 0..1, one scale for the
+    study, so the slices the model looks at stand out."""
+    return _normalised(_backbone_cams(model, x[None], target), x.shape[-2:])
 
 
 def cam_box(cam: np.ndarray, threshold: float = 0.5) -> tuple[int, int, int, int] | None:
@@ -164,6 +181,37 @@ def gradcam_figure(model: nn.Module, x: np.ndarray, meta: dict, images: np.ndarr
     true = [(r.x, r.y, r.width, r.height) for r in truth[truth.slice_number == numbers[i]].itertuples()]
     return plot_fracture_boxes(images[used[i], ..., channel], meta["original_size"], predicted, true, cams[i],
                                (cx, cy, cx + cw, cy + ch), title=f"{uid} C{vertebra}, slice {numbers[i]}")
+
+
+def study_gradcam_figure(model: nn.Module, x: np.ndarray, meta: dict, uid: str, true_boxes: pd.DataFrame,
+                         n_show: int = 4, channel: int = 1):
+    """The `n_show` sampled slices of a study where the study model's patient_overall Grad-CAM peaks highest, the
+    heatmap over the Otsu-cropped slice it saw, with the true boxes of that slice in green (the slices are the input
+    x uint8 [N, C, S, S]; `meta["crop_box"]`: the crop on the cache grid)."""
+    import matplotlib.pyplot as plt
+
+    cams = study_gradcam(model, torch.from_numpy(x).float() / 255.0)
+    numbers = np.asarray(meta["slice_numbers"])[meta["used"]]
+    order = sorted(np.argsort([-c.max() for c in cams])[:n_show])
+    known_crop = "crop_box" in meta  # inputs stored before the crop was kept in their meta show no boxes
+    y0, y1, x0, x1 = meta["crop_box"] if known_crop else (0, 1, 0, 1)
+    (ch, cw), (oh, ow), side = meta["cache_size"], meta["original_size"], x.shape[-1]
+    fig, axes = plt.subplots(1, len(order), figsize=(3.2 * len(order), 3.4), squeeze=False)
+    for ax, i in zip(axes[0], order, strict=True):
+        ax.imshow(x[i, channel], cmap="gray")
+        ax.imshow(cams[i], cmap="jet", alpha=0.35, vmin=0, vmax=1)
+        truth = true_boxes[(true_boxes.StudyInstanceUID == uid) & (true_boxes.slice_number == numbers[i])
+                           & known_crop]
+        sy, sx = side / (y1 - y0), side / (x1 - x0)  # cache pixels -> the crop's side
+        for r in truth.itertuples():  # original pixels -> cache pixels -> the crop
+            left, top = (r.x * cw / ow - x0) * sx, (r.y * ch / oh - y0) * sy
+            ax.add_patch(plt.Rectangle((left, top), r.width * cw / ow * sx, r.height * ch / oh * sy, fill=False,
+                                       color="lime", lw=1.5))
+        ax.set_title(f"slice {numbers[i]}, peak {cams[i].max():.2f}", fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"{uid}: where the study model looks (patient_overall Grad-CAM)", fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 def boxes_for_studies(model_of, uids: list[str], inputs: list[np.ndarray], metas: list[dict], vertebrae_of,

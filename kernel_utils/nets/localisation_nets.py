@@ -58,4 +58,5 @@ def _seg3d(cfg: TrainConfig, in_channels: int) -> nn.Module:
 
     width = int(cfg.param("width", 16))
     return UNet(spatial_dims=3, in_channels=in_channels, out_channels=8,
-                channels=(width, 2 * width, 4 * width, 8 * width), strides=(2, 2, 2), num_res_units=2)
+                channels=(width, 2 * width, 4 * width, 8 * width), strides=(2, 2, 2),
+                num_res_units=int(cfg.param("res_units", 2)))

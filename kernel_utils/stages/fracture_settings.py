@@ -154,10 +154,11 @@ class StudySettings(CnnLstmSettings):
         return {"n_slices": self.n_slices, "size": self.size}
 
     def study_input(self, entry: dict, loc: StudyLocalisation) -> tuple[np.ndarray, dict]:
-        """uint8 [N, C, size, size] and its meta (used slices [N])."""
+        """uint8 [N, C, size, size] and its meta (used slices [N], the Otsu crop_box on the cache grid)."""
         meta = entry_meta(entry)
         meta["used"] = study_slices(len(entry["images"]), self.n_slices)
-        return study_sequence(entry["images"], crop_box_on_cache(entry), self.n_slices, self.size), meta
+        meta["crop_box"] = crop_box_on_cache(entry)
+        return study_sequence(entry["images"], meta["crop_box"], self.n_slices, self.size), meta
 
     trains_on_vertebrae: ClassVar[bool] = False
     patient_modes: ClassVar[tuple[str, ...]] = ("head",)

@@ -38,12 +38,20 @@ def study_folds(uids: list[str], n_folds: int, seed: int = 42) -> dict[str, int]
     return {uids[i]: int(k % n_folds) for k, i in enumerate(order)}
 
 
+def segmented_studies(entries, settings: LocalisationSettings, cropped: bool = False) -> list[dict]:
+    """What `cross_validate` trains on, from (split, uid, cache entry) of the segmented studies: dicts with uid,
+    images uint8 [Z, S, S, C], mask uint8 [Z, S, S] and roi (the 3D UNet's in-plane box, None: the whole frame)."""
+    return [{"uid": uid, "images": e["images"], "mask": e["mask"], "roi": settings.seg_roi(e, cropped)}
+            for _, uid, e in entries]
+
+
 def cross_validate(studies: list[dict], settings: LocalisationSettings, out_dir: str | os.PathLike,
                    progress: bool = True, slice_models: bool = True) -> dict:
     """Train and score RF, CNN and 3D UNet over folds of the segmented studies.
 
     Args:
-        studies: dicts with uid, images uint8 [Z, S, S, C], mask uint8 [Z, S, S].
+        studies: dicts with uid, images uint8 [Z, S, S, C], mask uint8 [Z, S, S] and optionally roi
+            (`segmented_studies`).
         slice_models: False trains and scores the 3D UNet alone (its benchmark pilot; `slices` is then empty).
 
     Returns:
@@ -91,7 +99,7 @@ def cross_validate(studies: list[dict], settings: LocalisationSettings, out_dir:
         unet = load_best(unet, out_dir, settings.seg_cfg, k)
         seconds["unet3d"] += time.perf_counter() - start
         for s in valid:
-            pred = segment(unet, s["images"], settings.seg_size)[0]
+            pred = segment(unet, s["images"], settings.seg_size, roi=s.get("roi"))[0]
             dice_rows.append({"uid": s["uid"], "fold": k, **dice_per_vertebra(pred, s["mask"])})
             found = {"unet3d": slice_targets(pred)[0]}
             if slice_models:

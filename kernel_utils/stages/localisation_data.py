@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from kernel_utils.stages.fracture_data import crop_box_on_cache
 from kernel_utils.stages.vertebra_targets import CERVICAL
 
 VERTEBRAE = [f"C{k}" for k in CERVICAL]
@@ -53,31 +54,63 @@ class FeatureSequences(Dataset):
         return item
 
 
-def to_cube(images: np.ndarray, size: int) -> torch.Tensor:
-    """uint8 [Z, H, W, C] -> float [C, size, size, size] in 0..1 (trilinear)."""
-    x = torch.from_numpy(images).permute(3, 0, 1, 2)[None].float() / 255.0
+Box = tuple[int, int, int, int]  # (y0, y1, x0, x1) on the cache grid, end exclusive
+
+
+def bone_roi(entry: dict, margin: float, cropped: bool = False) -> Box:
+    """The square in-plane region the 3D UNet sees: the study's Otsu bone box (seed 002's crop, `entry["crop_box"]`)
+    grown by `margin` of its side on each side, inside the image. On a cache already cropped to that box (`cropped`),
+    the whole grid."""
+    h, w = entry["images"].shape[1:3]
+    if cropped:
+        return 0, h, 0, w
+    y0, y1, x0, x1 = crop_box_on_cache(entry)
+    side = min(max(y1 - y0, x1 - x0) * (1 + 2 * margin), h, w)
+    cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
+    top = int(round(min(max(cy - side / 2, 0), h - side)))
+    left = int(round(min(max(cx - side / 2, 0), w - side)))
+    side = int(round(side))
+    return top, top + side, left, left + side
+
+
+def _inside(volume: np.ndarray, roi: Box | None) -> np.ndarray:
+    return volume if roi is None else volume[:, roi[0]:roi[1], roi[2]:roi[3]]
+
+
+def to_cube(images: np.ndarray, size: int, roi: Box | None = None) -> torch.Tensor:
+    """uint8 [Z, H, W, C] (its in-plane `roi` when given) -> float [C, size, size, size] in 0..1 (trilinear)."""
+    x = torch.from_numpy(np.ascontiguousarray(_inside(images, roi))).permute(3, 0, 1, 2)[None].float() / 255.0
     return F.interpolate(x, size=(size,) * 3, mode="trilinear", align_corners=False)[0]
 
 
-def mask_to_cube(mask: np.ndarray, size: int) -> torch.Tensor:
-    """uint8 [Z, H, W] labels -> long [size, size, size] with C1..C7 kept and everything else 0.
+def mask_to_cube(mask: np.ndarray, size: int, roi: Box | None = None) -> torch.Tensor:
+    """uint8 [Z, H, W] labels (its in-plane `roi` when given) -> long [size, size, size] with C1..C7 kept and
+    everything else 0.
 
     Nearest-exact: each cube voxel takes the label at its centre, the same pixel-centre alignment as `to_cube`'s
     trilinear images (PyTorch's plain "nearest" samples the first source voxel instead, which shifts the target
     by up to one voxel against the image: 0.69 Dice at 64^3 for a perfect prediction).
     """
-    m = torch.from_numpy(np.where(mask <= 7, mask, 0).astype(np.float32))[None, None]
+    part = _inside(mask, roi)
+    m = torch.from_numpy(np.where(part <= 7, part, 0).astype(np.float32))[None, None]
     return F.interpolate(m, size=(size,) * 3, mode="nearest-exact")[0, 0].long()
 
 
-def probabilities_to_grid(prob: torch.Tensor, shape: tuple[int, int, int], chunk: int = 16) -> np.ndarray:
-    """float [K, D, H', W'] class probabilities -> uint8 [Z, S, S] labels on the study's cache grid.
+def probabilities_to_grid(prob: torch.Tensor, shape: tuple[int, int, int], chunk: int = 16,
+                          roi: Box | None = None) -> np.ndarray:
+    """float [K, D, H', W'] class probabilities -> uint8 [Z, S, S] labels on the study's cache grid (inside its
+    in-plane `roi` when the cube was cut from one; background outside).
 
     Trilinear with pixel centres aligned (as `to_cube`), then the argmax: the boundaries land between cube voxels
     where the probabilities cross, not on the cube's blocks (a perfect 64^3 one-hot comes back at 0.93 mean Dice
     on the bench studies, 0.85 by nearest-exact labels). `chunk` output slices at a time, so a 512 px study never
     holds [K, Z, S, S] floats.
     """
+    if roi is not None:
+        out = np.zeros(shape, dtype=np.uint8)
+        out[:, roi[0]:roi[1], roi[2]:roi[3]] = probabilities_to_grid(
+            prob, (shape[0], roi[1] - roi[0], roi[3] - roi[2]), chunk)
+        return out
     depth, z = prob.shape[1], shape[0]
     src = ((torch.arange(z, dtype=torch.float64) + 0.5) * depth / z - 0.5).clamp(min=0)  # align_corners=False
     lo = src.floor().long().clamp(max=depth - 1)
@@ -92,20 +125,23 @@ def probabilities_to_grid(prob: torch.Tensor, shape: tuple[int, int, int], chunk
     return out
 
 
-def best_possible_dice(mask: np.ndarray, size: int) -> float:
-    """Mean Dice over C1..C7 of a perfect prediction at a cube side of `size`, brought back to the grid as
-    `segment` does: the ceiling that the cube's resolution puts on the 3D UNet's Dice. mask uint8 [Z, S, S]."""
+def best_possible_dice(mask: np.ndarray, size: int, roi: Box | None = None) -> float:
+    """Mean Dice over C1..C7 of a perfect prediction at a cube side of `size` (cut from `roi`), brought back to the
+    grid as `segment` does: the ceiling that the cube's resolution and region put on the 3D UNet's Dice.
+    mask uint8 [Z, S, S]."""
     labels = np.where(mask <= 7, mask, 0)
-    one_hot = F.one_hot(mask_to_cube(labels, size), 8).permute(3, 0, 1, 2).float()
-    return float(np.nanmean(list(dice_per_vertebra(probabilities_to_grid(one_hot, labels.shape), labels).values())))
+    one_hot = F.one_hot(mask_to_cube(labels, size, roi), 8).permute(3, 0, 1, 2).float()
+    back = probabilities_to_grid(one_hot, labels.shape, roi=roi)
+    return float(np.nanmean(list(dice_per_vertebra(back, labels).values())))
 
 
 class VolumeDataset(Dataset):
-    """Studies resampled to cubes: image float [C, D, D, D], target long [1, D, D, D] when a mask is known."""
+    """Studies (their in-plane "roi" where a study has one) resampled to cubes: image float [C, D, D, D], target
+    long [1, D, D, D] when a mask is known."""
 
     def __init__(self, studies: list[dict], size: int, augment: bool = False):
-        self.cubes = [to_cube(s["images"], size) for s in studies]
-        self.masks = [mask_to_cube(s["mask"], size) if "mask" in s else None for s in studies]
+        self.cubes = [to_cube(s["images"], size, s.get("roi")) for s in studies]
+        self.masks = [mask_to_cube(s["mask"], size, s.get("roi")) if "mask" in s else None for s in studies]
         self.augment = augment
 
     def __len__(self) -> int:

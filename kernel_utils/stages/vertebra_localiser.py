@@ -18,7 +18,13 @@ from tqdm.auto import tqdm
 
 from kernel_utils.layout import WorkLayout, atomic_file, layout_of, read_json, write_csv, write_json
 from kernel_utils.nets import create_model
-from kernel_utils.stages.localisation_data import FeatureSequences, SliceDataset, probabilities_to_grid, to_cube
+from kernel_utils.stages.localisation_data import (
+    Box,
+    FeatureSequences,
+    SliceDataset,
+    probabilities_to_grid,
+    to_cube,
+)
 from kernel_utils.stages.localisation_settings import LocalisationSettings
 from kernel_utils.stages.study_localisation import StudyLocalisation
 from kernel_utils.stages.vertebra_targets import CERVICAL, box_of, enforce_order, ranges_from_presence, slice_targets
@@ -77,9 +83,11 @@ def drop_islands(prob: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def segment(models, images: np.ndarray, size: int, flip: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Fold-averaged softmax of one or more 3D UNets over a study, with the left-right flip averaged in when `flip`
-    (the UNet trains with that flip), and each vertebra kept to its largest island (`drop_islands`).
+def segment(models, images: np.ndarray, size: int, flip: bool = True,
+            roi: Box | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Fold-averaged softmax of one or more 3D UNets over a study (the cube cut from its in-plane `roi` when given),
+    with the left-right flip averaged in when `flip` (the UNet trains with that flip), and each vertebra kept to its
+    largest island (`drop_islands`).
 
     Returns:
         labels uint8 [Z, S, S] on the cache grid (`probabilities_to_grid`), and confidence float32 [8] (mean
@@ -87,7 +95,7 @@ def segment(models, images: np.ndarray, size: int, flip: bool = True) -> tuple[n
     """
     models = models if isinstance(models, list | tuple) else [models]
     dev = device()
-    x = to_cube(images, size)[None].to(dev)
+    x = to_cube(images, size, roi)[None].to(dev)
     views = [x, x.flip(-1)] if flip else [x]
     prob = 0
     for m in models:
@@ -100,7 +108,7 @@ def segment(models, images: np.ndarray, size: int, flip: bool = True) -> tuple[n
     win, labels = prob.max(dim=0)
     conf = np.array([float(win[labels == c].mean()) if (labels == c).any() else 0.0 for c in range(8)],
                     dtype=np.float32)
-    return probabilities_to_grid(prob, images.shape[:3]), conf
+    return probabilities_to_grid(prob, images.shape[:3], roi=roi), conf
 
 
 def localise_study(mask: np.ndarray, confidence: np.ndarray, slice_numbers: np.ndarray,
@@ -170,7 +178,7 @@ def localise_entry(entry: dict, unets: list, slice_models: list[SliceModel], set
     range_source: "unet3d" (slice ranges from the 3D mask) or "cnn_bigru" (from the slice models; the 3D mask gives
     the boxes); `range_table` of the cross-validation says which is closer to the truth.
     """
-    mask, conf = segment(unets, entry["images"], settings.seg_size)
+    mask, conf = segment(unets, entry["images"], settings.seg_size, roi=settings.seg_roi(entry, crop))
     source = "unet3d" + ("_oof" if held_out else "")
     if not ((mask >= 1) & (mask <= 7)).any():  # the 3D model found nothing: the slice classifier may
         prob = np.mean([m.probabilities(entry["images"]) for m in slice_models], axis=0)
