@@ -193,17 +193,16 @@ def study_gradcam_figure(model: nn.Module, x: np.ndarray, meta: dict, uid: str, 
     cams = study_gradcam(model, torch.from_numpy(x).float() / 255.0)
     numbers = np.asarray(meta["slice_numbers"])[meta["used"]]
     order = sorted(np.argsort([-c.max() for c in cams])[:n_show])
-    known_crop = "crop_box" in meta  # inputs stored before the crop was kept in their meta show no boxes
-    y0, y1, x0, x1 = meta["crop_box"] if known_crop else (0, 1, 0, 1)
+    # inputs stored before the crop was kept in their meta show no boxes
+    boxes = true_boxes[true_boxes.StudyInstanceUID == uid] if "crop_box" in meta else true_boxes.iloc[:0]
+    y0, y1, x0, x1 = meta.get("crop_box", (0, 1, 0, 1))
     (ch, cw), (oh, ow), side = meta["cache_size"], meta["original_size"], x.shape[-1]
+    sy, sx = side / (y1 - y0), side / (x1 - x0)  # cache pixels -> the crop's side
     fig, axes = plt.subplots(1, len(order), figsize=(3.2 * len(order), 3.4), squeeze=False)
     for ax, i in zip(axes[0], order, strict=True):
         ax.imshow(x[i, channel], cmap="gray")
         ax.imshow(cams[i], cmap="jet", alpha=0.35, vmin=0, vmax=1)
-        truth = true_boxes[(true_boxes.StudyInstanceUID == uid) & (true_boxes.slice_number == numbers[i])
-                           & known_crop]
-        sy, sx = side / (y1 - y0), side / (x1 - x0)  # cache pixels -> the crop's side
-        for r in truth.itertuples():  # original pixels -> cache pixels -> the crop
+        for r in boxes[boxes.slice_number == numbers[i]].itertuples():  # original pixels -> cache pixels -> the crop
             left, top = (r.x * cw / ow - x0) * sx, (r.y * ch / oh - y0) * sy
             ax.add_patch(plt.Rectangle((left, top), r.width * cw / ow * sx, r.height * ch / oh * sy, fill=False,
                                        color="lime", lw=1.5))
