@@ -73,7 +73,7 @@ class VertebraSettings(CnnLstmSettings):
     PROFILES: ClassVar[dict[str, dict]] = {
         "smoke": dict(n_folds=2, epochs=1, max_steps_per_epoch=2, batch_size=4, n_slices=5, crop=32,
                       model="tf_efficientnetv2_b0"),
-        "demo": dict(n_folds=3, epochs=3, n_slices=9, crop=48, model="tf_efficientnetv2_b0"),
+        "demo": dict(n_folds=2, epochs=8, patience=8, n_slices=7, crop=32, model="resnet10t"),
         "bench": dict(epochs=25, crop=64, model="tf_efficientnetv2_b0"),
         "full": dict(),
     }
@@ -134,7 +134,7 @@ class StudySettings(CnnLstmSettings):
     PROFILES: ClassVar[dict[str, dict]] = {
         "smoke": dict(n_folds=2, epochs=1, max_steps_per_epoch=2, batch_size=4, n_slices=8, size=32,
                       model="resnet18", sequence_epochs=2),
-        "demo": dict(n_folds=3, epochs=3, n_slices=16, size=64, model="resnet18"),
+        "demo": dict(n_folds=2, epochs=3, n_slices=16, size=64, model="resnet18"),
         "bench": dict(epochs=25, n_slices=32, size=96),
         "full": dict(),
     }

@@ -47,7 +47,7 @@ class ViTSettings(StageSettings):
     PROFILES: ClassVar[dict[str, dict]] = {
         "smoke": dict(n_folds=2, epochs=1, max_steps_per_epoch=2, batch_size=2, slices_per_vertebra=4, size=32,
                       patch=(2, 16, 16), hidden=64, layers=2, heads=4),
-        "demo": dict(n_folds=3, epochs=6, batch_size=8, slices_per_vertebra=8, size=48, patch=(4, 16, 16),
+        "demo": dict(n_folds=2, epochs=12, batch_size=8, slices_per_vertebra=8, size=48, patch=(4, 16, 16),
                      hidden=96, layers=4, heads=4),
         "bench": dict(batch_size=16, size=64, hidden=384, layers=8, heads=8),
         "full": dict(),
