@@ -23,7 +23,9 @@ from kernel_utils.nets.fracture_nets import (
     vertebra_bce,
     vertebra_slice_loss,
 )
+from kernel_utils.stages import fracture
 from kernel_utils.stages.fracture import (
+    boxed_slice_samples,
     cross_validate_fracture,
     fit_patient_head,
     labelled_slices,
@@ -34,9 +36,12 @@ from kernel_utils.stages.fracture import (
 )
 from kernel_utils.stages.fracture_data import (
     FractureDataset,
+    crop_box_on_cache,
+    crop_slices,
     evenly_spaced,
     slice_targets_of,
     study_sequence,
+    study_slices,
     vertebra_stacks,
 )
 from kernel_utils.stages.fracture_settings import StudySettings, VertebraSettings, fracture_settings
@@ -237,6 +242,65 @@ def test_the_study_form_trains_its_cnn_on_slices_first(tmp_path):
         for cfg in (settings.cfg, slice_phase_config(settings.cfg), sequence_phase_config(settings)):
             assert checkpoint_paths(tmp_path, cfg, fold)[0].exists()
     assert cv["raw_oof"].shape == (8, 8) and np.isfinite(cv["raw_oof"]).all()
+
+
+def test_the_study_forms_boxed_slices_are_the_boxed_ones_it_does_not_sample_cropped_as_it_crops():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (20, 48, 48, 3), dtype=np.uint8)
+    entry = {"images": images, "slice_numbers": np.arange(101, 121), "crop_box": (8, 88, 16, 80),
+             "original_shape": (20, 96, 96)}
+    settings = StudySettings.for_profile("smoke", n_slices=5, size=16)
+    sampled = set(study_slices(20, 5).tolist())  # 0, 5, 9, 14, 19
+    boxed = {101 + z for z in (3, 4, 5, 6)}  # slice 5 is sampled already
+    x = settings.boxed_slice_input(entry, boxed)
+    assert 5 in sampled and x.shape == (3, 3, 16, 16)
+    crop = crop_box_on_cache(entry)
+    assert np.array_equal(x, crop_slices(images, crop, np.array([3, 4, 6]), 16))
+    assert np.array_equal(crop_slices(images, crop, study_slices(20, 5), 16), study_sequence(images, crop, 5, 16))
+    assert settings.boxed_slice_input(entry, {999}).shape == (0, 3, 16, 16)
+    assert not settings.wants_boxed_slices
+    assert StudySettings.for_profile("smoke", slice_labels="all_boxed").wants_boxed_slices
+    with pytest.raises(ValueError, match="slice_labels"):
+        _ = StudySettings.for_profile("smoke", slice_labels="every").wants_boxed_slices
+
+
+def test_boxed_slices_join_the_slice_phase_as_fractured_slices_of_the_training_studies_only(tmp_path, monkeypatch):
+    extra = [None, np.full((2, 3, 8, 8), 7, np.uint8), None, np.full((1, 3, 8, 8), 9, np.uint8)]
+    ds = boxed_slice_samples(extra, [0, 1, 2], 3, False)
+    assert len(ds) == 2 and all(float(ds[i]["target"]) == 1 for i in range(2))
+    assert boxed_slice_samples(extra, [0, 2], 3, False) is None and boxed_slice_samples(None, [1], 3, False) is None
+    seen = []
+    original = fracture.fit
+
+    def record(model, train_ds, *args, **kwargs):
+        seen.append(len(train_ds))
+        return original(model, train_ds, *args, **kwargs)
+
+    monkeypatch.setattr(fracture, "fit", record)
+    rng = np.random.default_rng(0)
+    uids = [f"s{i}" for i in range(8)]
+    labels = pd.DataFrame({"StudyInstanceUID": uids, **{t: [i % 2 for i in range(8)] for t in TARGETS}})
+    inputs = [rng.integers(0, 255, (3, 3, 32, 32), dtype=np.uint8) for _ in uids]
+    slice_targets = np.where(np.arange(8)[:, None] % 2, np.nan, 0.0) * np.ones((1, 3))
+    slice_targets[[1, 3, 5, 7]] = (0, 1, 0)  # every fractured study boxed on its middle slice
+    boxed = [None] * 8
+    boxed[1] = rng.integers(0, 255, (4, 3, 32, 32), dtype=np.uint8)
+    settings = StudySettings.for_profile("smoke", model="resnet10t", slice_labels="all_boxed")
+    cv = cross_validate_fracture(uids, inputs, labels, settings, tmp_path, progress=False,
+                                 slice_targets=slice_targets, boxed_slices=boxed)
+    fold_of_1 = cv["folds"]["s1"]
+    known = {k: int((~np.isnan(slice_targets[[i for i, u in enumerate(uids) if cv["folds"][u] != k]])).sum())
+             for k in (0, 1)}
+    slice_phase = seen[0::2]  # each fold: the slice phase, then the sequence phase
+    assert slice_phase == [known[k] + (4 if k != fold_of_1 else 0) for k in (0, 1)]
+
+
+def test_the_study_forms_sequence_phase_is_named_after_its_slice_phase():
+    base = StudySettings.for_profile("demo")
+    names = {sequence_phase_config(s).run_name for s in (base, StudySettings.for_profile("demo", epochs=8),
+                                                         StudySettings.for_profile("demo", lr=1e-3))}
+    assert len(names) == 3  # the same sequence epochs and lr on other frozen features: another run
+    assert sequence_phase_config(base).run_name == sequence_phase_config(StudySettings.for_profile("demo")).run_name
 
 
 def test_the_study_forms_warp_setting_reaches_its_slice_phase():

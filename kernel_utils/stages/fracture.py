@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import ConcatDataset
 
 from kernel_utils.folds import make_folds
 from kernel_utils.layout import layout_of, write_csv, write_json
@@ -121,9 +122,12 @@ def slice_phase_config(cfg: TrainConfig) -> TrainConfig:
 
 
 def sequence_phase_config(settings) -> TrainConfig:
-    """The study form's second phase: the BiLSTM and head on frozen slice features, its own checkpoints."""
-    return dataclasses.replace(settings.cfg, stage=f"{settings.cfg.stage}_sequence", epochs=settings.sequence_epochs,
-                               lr=settings.sequence_lr)
+    """The study form's second phase: the BiLSTM and head on frozen slice features, its own checkpoints. Its run
+    name follows the first phase's (the features it learns from), so a changed slice phase never resumes it."""
+    cfg = settings.cfg
+    return dataclasses.replace(cfg, stage=f"{cfg.stage}_sequence", epochs=settings.sequence_epochs,
+                               lr=settings.sequence_lr,
+                               params=(*cfg.params, ("slice_phase", slice_phase_config(cfg).run_name)))
 
 
 def slice_features_of(model, inputs: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
@@ -140,8 +144,20 @@ def labelled_slices(inputs: Sequence[np.ndarray], slice_targets: np.ndarray, aug
                            augment=augment, image_channels=image_channels, rotate_shift=rotate_shift)
 
 
+def boxed_slice_samples(boxed_slices: list[np.ndarray | None] | None, index, image_channels: int | None,
+                        rotate_shift: bool) -> FractureDataset | None:
+    """The extra boxed slices (`inputs.boxed_slice_inputs`) of the studies `index` as fractured single slices:
+    images [C, H, W], target [1] = 1, augmented; None when there are none."""
+    parts = [boxed_slices[i] for i in index if boxed_slices is not None and boxed_slices[i] is not None]
+    slices = [x for part in parts for x in part]
+    if not slices:
+        return None
+    return FractureDataset(slices, np.ones((len(slices), 1), np.float32), augment=True,
+                           image_channels=image_channels, rotate_shift=rotate_shift)
+
+
 def _train_fold(settings, model, inputs, targets, slice_targets, tr, va, fold, out_dir, image_channels,
-                progress) -> list[tuple[str, pd.DataFrame]]:
+                progress, boxed_slices=None) -> list[tuple[str, pd.DataFrame]]:
     """Fit one fold and leave its best weights in `model`; returns (what was trained, history) of each phase.
     Training on single vertebrae adds the patient head stage; `slices_first` trains the CNN on slices first."""
     tr_inputs, va_inputs = studies_of(inputs, tr), studies_of(inputs, va)
@@ -166,14 +182,15 @@ def _train_fold(settings, model, inputs, targets, slice_targets, tr, va, fold, o
         atomic_save({**state, "model": model.state_dict(), "patient_head_loss": losses[-1]}, best_path)
         return [(f"{settings.name} (single vertebrae)", hist)]
     if settings.slices_first:
-        if slice_targets is None or not np.nansum(slice_targets[tr]):
+        extra = boxed_slice_samples(boxed_slices, tr, image_channels, settings.rotate_shift)
+        if slice_targets is None or not (np.nansum(slice_targets[tr]) or extra is not None):
             log.warning("fold %d: no boxed slice to train the CNN on first (train_bounding_boxes.csv); the study "
                         "model trains end to end", fold)
         else:
             slice_cfg = slice_phase_config(settings.cfg)
             first = SliceFracture(model.encoder.backbone)
-            hist = fit(first, labelled_slices(tr_inputs, slice_targets[tr], True, image_channels,
-                                              settings.rotate_shift),
+            train_slices = labelled_slices(tr_inputs, slice_targets[tr], True, image_channels, settings.rotate_shift)
+            hist = fit(first, train_slices if extra is None else ConcatDataset([train_slices, extra]),
                        labelled_slices(va_inputs, slice_targets[va], False, image_channels), vertebra_batch_loss,
                        slice_cfg, out_dir, fold, progress=progress)
             load_best(first, out_dir, slice_cfg, fold)
@@ -199,13 +216,15 @@ def _train_fold(settings, model, inputs, targets, slice_targets, tr, va, fold, o
 
 def cross_validate_fracture(uids: list[str], inputs: Sequence[np.ndarray], labels: pd.DataFrame, settings,
                             out_dir: str | os.PathLike, progress: bool = True,
-                            slice_targets: np.ndarray | None = None) -> dict:
+                            slice_targets: np.ndarray | None = None,
+                            boxed_slices: list[np.ndarray | None] | None = None) -> dict:
     """Train one model per fold (folds stratified by the labels, grouped by study) and predict its held-out fold.
 
     settings: any form of the stage contract. inputs: each study's input (`StudyInputs`, read study by study, or
     a list). slice_targets: image-level labels of the sampled slices (`slice_targets_of`): the first phase of a
     form that trains its CNN on slices first, float [S, N]; the per-slice auxiliary loss of training on single
-    vertebrae (`slice_loss` its weight), float [S, 7, N].
+    vertebrae (`slice_loss` its weight), float [S, 7, N]. boxed_slices: per study, the boxed slices its input
+    does not sample (`inputs.boxed_slice_inputs`), more fractured slices for that first phase.
 
     Returns:
         oof: wide out-of-fold predictions (patient_overall by the mode chosen); raw_oof: [N, 8] sigmoid outputs;
@@ -224,7 +243,7 @@ def cross_validate_fracture(uids: list[str], inputs: Sequence[np.ndarray], label
         tr, va = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
         model = create_model(settings.cfg, channels)
         for name, hist in _train_fold(settings, model, inputs, targets, slice_targets, tr, va, int(k), out_dir,
-                                      image_channels, progress):
+                                      image_channels, progress, boxed_slices):
             histories.append(hist.assign(model=name, fold=int(k)))
         valid_ds = FractureDataset(studies_of(inputs, va), targets[va])
         raw[va] = _sigmoid(predict(model, valid_ds, batch_size=settings.cfg.batch_size))

@@ -95,10 +95,16 @@ def study_sequence(images: np.ndarray, crop_box: tuple[int, int, int, int] | Non
     Returns:
         uint8 [N, C, size, size].
     """
-    z_n, h, w = images.shape[:3]
+    return crop_slices(images, crop_box, study_slices(images.shape[0], n_slices), size)
+
+
+def crop_slices(images: np.ndarray, crop_box: tuple[int, int, int, int] | None, zs: np.ndarray,
+                size: int) -> np.ndarray:
+    """The slices zs of cached windows [Z, S, S, C], each cropped to crop_box and resized: uint8 [len(zs), C, size,
+    size]."""
+    h, w = images.shape[1:3]
     y0, y1, x0, x1 = crop_box if crop_box is not None else (0, h, 0, w)
-    zs = study_slices(z_n, n_slices)
-    out = np.empty((n_slices, images.shape[3], size, size), dtype=np.uint8)
+    out = np.empty((len(zs), images.shape[3], size, size), dtype=np.uint8)
     for i, z in enumerate(zs):
         img = cv2.resize(np.ascontiguousarray(images[z, y0:y1, x0:x1]), (size, size), interpolation=cv2.INTER_AREA)
         out[i] = img.reshape(size, size, -1).transpose(2, 0, 1)

@@ -18,6 +18,7 @@ import numpy as np
 from kernel_utils.settings import StageSettings
 from kernel_utils.stages.fracture_data import (
     crop_box_on_cache,
+    crop_slices,
     entry_meta,
     study_sequence,
     study_slices,
@@ -110,6 +111,7 @@ class VertebraSettings(CnnLstmSettings):
         return self.train_on == "vertebrae"
 
     slices_first: ClassVar[bool] = False
+    wants_boxed_slices: ClassVar[bool] = False
     patient_modes: ClassVar[tuple[str, ...]] = ("head", "product")
 
     @staticmethod
@@ -127,6 +129,8 @@ class StudySettings(CnnLstmSettings):
             features, extracted once) or "end_to_end".
         sequence_epochs, sequence_lr: the BiLSTM's training on the frozen features.
         rotate_shift: the small rotation and shift augmentation (seed 002's), besides flips and jitter.
+        slice_labels: what the CNN learns from first: "sampled" (the sampled slices whose label
+            `train_bounding_boxes.csv` gives) or "all_boxed" (also every other boxed slice of the training studies).
     """
 
     form: ClassVar[str] = "study"
@@ -147,6 +151,7 @@ class StudySettings(CnnLstmSettings):
     rotate_shift: bool = True
     sequence_epochs: int = 40
     sequence_lr: float = 1e-3
+    slice_labels: str = "sampled"
 
     uses_localisation: ClassVar[bool] = False
 
@@ -159,6 +164,21 @@ class StudySettings(CnnLstmSettings):
         meta["used"] = study_slices(len(entry["images"]), self.n_slices)
         meta["crop_box"] = crop_box_on_cache(entry)
         return study_sequence(entry["images"], meta["crop_box"], self.n_slices, self.size), meta
+
+    @property
+    def wants_boxed_slices(self) -> bool:
+        if self.slice_labels not in ("sampled", "all_boxed"):
+            raise ValueError(f"slice_labels must be 'sampled' or 'all_boxed', got {self.slice_labels!r}")
+        return self.slices_first and self.slice_labels == "all_boxed"
+
+    def boxed_slice_input(self, entry: dict, slice_numbers: set[int]) -> np.ndarray:
+        """The boxed slices of a study that `study_input` does not sample, cropped as it crops: uint8 [K, C, size,
+        size] (K may be 0)."""
+        numbers = np.asarray(entry["slice_numbers"])
+        sampled = np.zeros(len(numbers), bool)
+        sampled[study_slices(len(numbers), self.n_slices)] = True
+        zs = np.flatnonzero(np.isin(numbers, list(slice_numbers)) & ~sampled)
+        return crop_slices(entry["images"], crop_box_on_cache(entry), zs, self.size)
 
     trains_on_vertebrae: ClassVar[bool] = False
     patient_modes: ClassVar[tuple[str, ...]] = ("head",)

@@ -140,3 +140,27 @@ def build_inputs(data_dir: str | os.PathLike, work_dir, spec: CacheSpec, setting
         paths.append(x_path)
         metas.append(meta)
     return StudyInputs(uids, paths, metas)
+
+
+def boxed_slice_inputs(data_dir: str | os.PathLike, work_dir, spec: CacheSpec, settings, uids: list[str],
+                       boxes) -> list[np.ndarray | None] | None:
+    """For a form that `wants_boxed_slices`: per train study of `uids`, the boxed slices (`train_bounding_boxes.csv`)
+    its input does not sample (`settings.boxed_slice_input`, uint8 [K, C, H, W]), None for a study without boxes or
+    whose cache cannot be read; None when the form wants none."""
+    if not settings.wants_boxed_slices or boxes is None:
+        return None
+    boxed = {uid: set(part.slice_number.astype(int)) for uid, part in boxes.groupby("StudyInstanceUID")}
+    studies = {study_dir.name: (study_dir, seg) for study_dir, seg in cached_studies(data_dir, "train")}
+    out = []
+    for uid in uids:
+        if uid not in boxed or uid not in studies:
+            out.append(None)
+            continue
+        try:
+            entry = load_cached(work_dir, spec, *studies[uid])
+        except Exception as e:
+            log.warning("%s: boxed slices left out (%s)", uid, e)
+            out.append(None)
+            continue
+        out.append(settings.boxed_slice_input(entry, boxed[uid]))
+    return out

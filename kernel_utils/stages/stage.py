@@ -4,7 +4,8 @@ is trained, predicted and saved by the same three calls, here once.
 A form's settings (`VertebraSettings`, `StudySettings`, `ViTSettings`) give:
     name, form, family (models folder), n_folds, cfg (the training config), uses_localisation,
     study_input(entry, localisation) -> (uint8 input of one study, meta), in_channels(input),
-    image_channels(channels), trains_on_vertebrae, slices_first, slice_loss, vertebra_block(input, k),
+    image_channels(channels), trains_on_vertebrae, slices_first, wants_boxed_slices (and then
+    boxed_slice_input(entry, slice_numbers)), slice_loss, vertebra_block(input, k),
     patient_modes, rotate_shift, to_json() / from_json().
 """
 
@@ -31,7 +32,7 @@ from kernel_utils.stages.fracture import (
 )
 from kernel_utils.stages.fracture_data import slice_targets_of
 from kernel_utils.stages.fracture_settings import StudySettings, VertebraSettings
-from kernel_utils.stages.inputs import StudyInputs, build_inputs
+from kernel_utils.stages.inputs import StudyInputs, boxed_slice_inputs, build_inputs
 from kernel_utils.stages.study_localisation import StudyLocalisation
 from kernel_utils.stages.vit import ViTSettings
 
@@ -76,7 +77,8 @@ def train_and_predict(settings, data_dir: str | os.PathLike, work_dir: str | os.
     built = time.perf_counter()
     wants_slices = boxes is not None and (settings.slices_first or settings.slice_loss > 0)
     slice_targets = slice_targets_of(train.uids, train.metas, labels, boxes) if wants_slices else None
-    cv = cross_validate_fracture(train.uids, train, labels, settings, models_dir, progress, slice_targets)
+    boxed = boxed_slice_inputs(data_dir, layout.root, spec, settings, train.uids, boxes)
+    cv = cross_validate_fracture(train.uids, train, labels, settings, models_dir, progress, slice_targets, boxed)
     trained = time.perf_counter()
     n_folds = len(set(cv["folds"].values()))
     models = load_fold_models(settings, settings.in_channels(train[0]), models_dir, n_folds)

@@ -77,6 +77,7 @@ class ViTSettings(StageSettings):
 
     name: ClassVar[str] = "vit3d"
     slices_first: ClassVar[bool] = False
+    wants_boxed_slices: ClassVar[bool] = False
     slice_loss: ClassVar[float] = 0.0
 
     @classmethod
