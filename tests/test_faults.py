@@ -168,7 +168,8 @@ def test_a_broken_worker_process_costs_no_study(smoke_dir, tmp_path, monkeypatch
     monkeypatch.setattr(cache_mod, "window_study", crashing)
     summary = build_cache(smoke_dir, tmp_path, "train", CacheSpec(image_size=32), workers=2, progress=False)
     assert len(summary) == len(list((smoke_dir / "train_images").iterdir()))
-    assert (summary.status == "built").all(), summary[["StudyInstanceUID", "status", "error"]]
+    # a study the other worker finished writing as the pool broke is read back as cached: in the cache either way
+    assert summary.status.isin(["built", "cached"]).all(), summary.status.value_counts().to_dict()
     assert "dicomsdl" not in summary.set_index("StudyInstanceUID").loc[victim, "decoder"]  # read by pydicom
 
 
