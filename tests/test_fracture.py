@@ -249,7 +249,7 @@ def test_the_study_forms_boxed_slices_are_the_boxed_ones_it_does_not_sample_crop
     images = rng.integers(0, 255, (20, 48, 48, 3), dtype=np.uint8)
     entry = {"images": images, "slice_numbers": np.arange(101, 121), "crop_box": (8, 88, 16, 80),
              "original_shape": (20, 96, 96)}
-    settings = StudySettings.for_profile("smoke", n_slices=5, size=16)
+    settings = StudySettings.for_profile("smoke", n_slices=5, size=16, slice_labels="sampled")
     sampled = set(study_slices(20, 5).tolist())  # 0, 5, 9, 14, 19
     boxed = {101 + z for z in (3, 4, 5, 6)}  # slice 5 is sampled already
     x = settings.boxed_slice_input(entry, boxed)
@@ -258,8 +258,8 @@ def test_the_study_forms_boxed_slices_are_the_boxed_ones_it_does_not_sample_crop
     assert np.array_equal(x, crop_slices(images, crop, np.array([3, 4, 6]), 16))
     assert np.array_equal(crop_slices(images, crop, study_slices(20, 5), 16), study_sequence(images, crop, 5, 16))
     assert settings.boxed_slice_input(entry, {999}).shape == (0, 3, 16, 16)
-    assert not settings.wants_boxed_slices
-    assert StudySettings.for_profile("smoke", slice_labels="all_boxed").wants_boxed_slices
+    assert not settings.wants_boxed_slices and StudySettings.for_profile("smoke").wants_boxed_slices
+    assert not StudySettings.for_profile("smoke", train="end_to_end").wants_boxed_slices
     with pytest.raises(ValueError, match="slice_labels"):
         _ = StudySettings.for_profile("smoke", slice_labels="every").wants_boxed_slices
 

@@ -151,7 +151,7 @@ class StudySettings(CnnLstmSettings):
     rotate_shift: bool = True
     sequence_epochs: int = 40
     sequence_lr: float = 1e-3
-    slice_labels: str = "sampled"
+    slice_labels: str = "all_boxed"
 
     uses_localisation: ClassVar[bool] = False
 
