@@ -148,8 +148,9 @@ def boxed_slice_samples(boxed_slices: list[np.ndarray | None] | None, index, ima
                         rotate_shift: bool) -> FractureDataset | None:
     """The extra boxed slices (`inputs.boxed_slice_inputs`) of the studies `index` as fractured single slices:
     images [C, H, W], target [1] = 1, augmented; None when there are none."""
-    parts = [boxed_slices[i] for i in index if boxed_slices is not None and boxed_slices[i] is not None]
-    slices = [x for part in parts for x in part]
+    if boxed_slices is None:
+        return None
+    slices = [x for i in index if boxed_slices[i] is not None for x in boxed_slices[i]]
     if not slices:
         return None
     return FractureDataset(slices, np.ones((len(slices), 1), np.float32), augment=True,

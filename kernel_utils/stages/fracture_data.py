@@ -174,6 +174,11 @@ class FractureDataset(Dataset):
         return item
 
 
+def boxed_slice_numbers(boxes: pd.DataFrame) -> dict[str, set[int]]:
+    """uid -> the slice numbers `train_bounding_boxes.csv` boxes in that study."""
+    return {uid: set(part.slice_number.astype(int)) for uid, part in boxes.groupby("StudyInstanceUID")}
+
+
 def slice_targets_of(uids: list[str], metas: list[dict], labels: pd.DataFrame, boxes: pd.DataFrame) -> np.ndarray:
     """Image-level labels of the sampled slices from `train_bounding_boxes.csv`, float32 [S, *used.shape]: 1 where
     a box marks the slice, 0 where no fracture can be, nan where nobody knows.
@@ -186,7 +191,7 @@ def slice_targets_of(uids: list[str], metas: list[dict], labels: pd.DataFrame, b
 
     metas: `build_inputs` metas (`used`: the sampled slice indices, `slice_numbers`)."""
     table = labels.set_index("StudyInstanceUID")
-    boxed = {uid: set(part.slice_number.astype(int)) for uid, part in boxes.groupby("StudyInstanceUID")}
+    boxed = boxed_slice_numbers(boxes)
     shape = np.shape(metas[0]["used"]) if metas else (0,)
     per_vertebra = len(shape) == 2
     out = np.full((len(uids), *shape), np.nan, dtype=np.float32)

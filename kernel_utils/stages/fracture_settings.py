@@ -165,10 +165,12 @@ class StudySettings(CnnLstmSettings):
         meta["crop_box"] = crop_box_on_cache(entry)
         return study_sequence(entry["images"], meta["crop_box"], self.n_slices, self.size), meta
 
-    @property
-    def wants_boxed_slices(self) -> bool:
+    def __post_init__(self):
         if self.slice_labels not in ("sampled", "all_boxed"):
             raise ValueError(f"slice_labels must be 'sampled' or 'all_boxed', got {self.slice_labels!r}")
+
+    @property
+    def wants_boxed_slices(self) -> bool:
         return self.slices_first and self.slice_labels == "all_boxed"
 
     def boxed_slice_input(self, entry: dict, slice_numbers: set[int]) -> np.ndarray:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from kernel_utils.io.cache import CacheSpec, cached_studies, load_cached
 from kernel_utils.layout import atomic_file, layout_of, write_json
+from kernel_utils.stages.fracture_data import boxed_slice_numbers
 from kernel_utils.stages.study_localisation import LocalisationTable
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ def boxed_slice_inputs(data_dir: str | os.PathLike, work_dir, spec: CacheSpec, s
     whose cache cannot be read; None when the form wants none."""
     if not settings.wants_boxed_slices or boxes is None:
         return None
-    boxed = {uid: set(part.slice_number.astype(int)) for uid, part in boxes.groupby("StudyInstanceUID")}
+    boxed = boxed_slice_numbers(boxes)
     studies = {study_dir.name: (study_dir, seg) for study_dir, seg in cached_studies(data_dir, "train")}
     out = []
     for uid in uids:
