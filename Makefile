@@ -10,7 +10,7 @@ DATA_DIR ?=
 export MALLOC_MMAP_THRESHOLD_ := 67108864
 export MALLOC_TRIM_THRESHOLD_ := 268435456
 
-.PHONY: setup run test bench lint clean kaggle-bundle
+.PHONY: setup run test bench lint clean kaggle-bundle kaggle-check
 
 setup: $(VENV)/.installed
 
@@ -35,6 +35,9 @@ lint: setup
 
 kaggle-bundle: setup
 	$(BIN)/python -m kernel_utils.dev.bundle --work-dir "$(WORK_DIR)" --out dist/kaggle --wheels
+
+kaggle-check: setup
+	$(BIN)/python -m benchmarks.kaggle_check $(if $(DATA_DIR),--work-dir "$(WORK_DIR)" --data-dir "$(DATA_DIR)")
 
 clean:
 	rm -rf "$(WORK_DIR)" .pytest_cache .ruff_cache

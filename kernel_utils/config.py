@@ -33,7 +33,7 @@ class Profile:
 PROFILES = {
     "smoke": Profile("smoke", image_size=64, synthetic_train=12, synthetic_test=4, synthetic_size=64),
     "demo": Profile("demo", image_size=96, synthetic_train=120, synthetic_test=32, synthetic_size=96,
-                    synthetic_difficulty=0.3),
+                    synthetic_difficulty=0.0),
     "bench": Profile("bench", image_size=128, synthetic_train=240, synthetic_test=40, synthetic_size=128),
     "full": Profile("full", image_size=256, synthetic_train=40, synthetic_test=10, synthetic_size=512,
                     compress_cache=True, workers=os.cpu_count() or 2),

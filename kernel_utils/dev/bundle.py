@@ -3,10 +3,13 @@
     python -m kernel_utils.dev.bundle --work-dir work --out dist/kaggle [--wheels] [--owner USER]
 
 dist/kaggle/dataset/: kernel_utils, the trained weights and configs (`work/`), `requirements-kaggle.txt`, the wheels
-for an offline install (with --wheels, downloaded now for the Kaggle image's Python), `dataset-metadata.json`.
-dist/kaggle/kernel/: `submission.ipynb` (installs from the attached wheels when it finds /kaggle/input, then runs
-`kernel_utils.submit.predict.predict_test`) and `kernel-metadata.json` (competition source, internet off, GPU
-on). The bundle's kernel_utils leaves out dev/ (the synthetic data and the runners).
+for an offline install (with --wheels, downloaded now: `wheels/cp311/`, `wheels/cp312/`, one folder a Python version
+of `kaggle_image.PYTHONS`, with the dependencies the image lacks), `dataset-metadata.json`.
+dist/kaggle/kernel/: `submission.ipynb` (checks that the bundle has wheels for the image's Python, installs them
+with `--no-index` when it finds /kaggle/input, then runs `kernel_utils.submit.predict.predict_test`) and
+`kernel-metadata.json` (competition source, internet off, GPU on). The bundle's kernel_utils leaves out dev/ (the
+synthetic data and the runners). `make kaggle-check` installs and runs it in twins of the image
+(`benchmarks/kaggle_check.py`).
 """
 
 from __future__ import annotations
@@ -14,20 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nbformat
 
+from kernel_utils.dev.kaggle_image import PYTHONS, bundle_requirements, download_closure, wheel_tag
 from kernel_utils.layout import WorkLayout
 
 PACKAGE = Path(__file__).resolve().parents[1]  # kernel_utils; its dev/ stays behind
 COMPETITION = "rsna-2022-cervical-spine-fracture-detection"
-# What the Kaggle image lacks (it has torch, torchvision, numpy, pandas, scikit-learn, opencv, matplotlib, tqdm).
-KAGGLE_REQUIREMENTS = ["pydicom==3.0.2", "python-gdcm==3.2.6", "dicomsdl==0.109.4", "pylibjpeg==2.1.0",
-                       "pylibjpeg-libjpeg==2.5.0", "nibabel==5.4.2", "timm==1.0.31", "monai==1.6.1", "einops==0.8.2",
-                       "accelerate==1.15.0"]
 WEIGHT_PATTERNS = ("models/**/*_best.pt", "models/**/*_config.json", "localisation/models/*_best.pt",
                    "localisation/models/*_config.json", "localisation/localisation.json", "predictions/*.json")
 
@@ -52,14 +50,36 @@ def copy_weights(work_dir: Path, dest: Path) -> list[Path]:
     return copied
 
 
-def download_wheels(dest: Path, python_version: str = "3.11") -> None:
-    """Wheels of KAGGLE_REQUIREMENTS and their dependencies for the Kaggle image (manylinux x86_64)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    tags = ["manylinux2014_x86_64"] + [f"manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28, 31, 34, 35)]  # glibc 2.35
-    platforms = [arg for tag in tags for arg in ("--platform", tag)]
-    subprocess.run([sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--python-version", python_version,
-                    *platforms, "--implementation", "cp", "-d", str(dest), *KAGGLE_REQUIREMENTS, "--no-deps"],
-                   check=True)
+def download_wheels(dest: Path, pythons: tuple[str, ...] = PYTHONS) -> dict[str, list[str]]:
+    """Wheels of the bundle's requirements and the dependencies the image lacks, one folder a Python version
+    (`dest/cp311`, ...); returns {python version: wheel file names}, also written to `dest/manifest.json`."""
+    manifest = {v: [w.name for w in download_closure(bundle_requirements(), dest / wheel_tag(v), v)] for v in pythons}
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+INSTALL_CELL = """import shutil, subprocess, sys
+from pathlib import Path
+
+bundle = Path(BUNDLE_DIR or "/kaggle/input/{slug}")
+wheels = bundle / "wheels"
+python = f"cp{{sys.version_info.major}}{{sys.version_info.minor}}"
+if INSTALL_WHEELS is True or (INSTALL_WHEELS == "auto" and Path("/kaggle/input").is_dir()):
+    carried = sorted(p.name for p in wheels.glob("cp*") if p.is_dir())
+    if python not in carried:
+        raise RuntimeError(f"This image runs Python {{sys.version.split()[0]}} and the bundle {{bundle}} carries "
+                           f"wheels for {{', '.join(carried) or 'no Python'}}: rebuild it with `make kaggle-bundle` "
+                           f"after adding {{sys.version_info.major}}.{{sys.version_info.minor}} to PYTHONS "
+                           f"(kernel_utils/dev/kaggle_image.py)")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links",
+                    str(wheels / python), "-r", str(bundle / "requirements-kaggle.txt")], check=True)
+sys.path.insert(0, str(bundle))
+from kernel_utils.config import resolve_data_dir, resolve_work_dir
+from kernel_utils.submit.predict import predict_test
+from kernel_utils.submit.writer import validate_submission
+
+data_dir, work_dir = resolve_data_dir(DATA_DIR), resolve_work_dir(WORK_DIR)
+shutil.copytree(bundle / "work", work_dir, dirs_exist_ok=True)"""
 
 
 def submission_notebook(slug: str) -> nbformat.NotebookNode:
@@ -70,23 +90,11 @@ def submission_notebook(slug: str) -> nbformat.NotebookNode:
             'DATA_DIR = ""    # empty: the competition folder on Kaggle\n'
             'WORK_DIR = ""    # empty: /kaggle/working\n'
             'PROFILE = "full"  # the profile the weights were trained with (informational)\n'
-            "ALL_MODELS = False  # True: run every model, also those the blend gives no weight (timing, checks)",
+            "ALL_MODELS = False  # True: run every model, also those the blend gives no weight (timing, checks)\n"
+            'INSTALL_WHEELS = "auto"  # "auto": install the bundle\'s wheels on Kaggle; True: always; False: never',
             metadata={"tags": ["parameters"]}),
         nbformat.v4.new_markdown_cell("# RSNA 2022 submission from the kit's bundle (offline)"),
-        nbformat.v4.new_code_cell(
-            "import shutil, subprocess, sys\nfrom pathlib import Path\n\n"
-            f'bundle = Path(BUNDLE_DIR or "/kaggle/input/{slug}")\n'
-            'wheels = bundle / "wheels"\n'
-            'if Path("/kaggle/input").is_dir() and wheels.is_dir():\n'
-            '    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index",\n'
-            '                    "--find-links", str(wheels), "-r", str(bundle / "requirements-kaggle.txt")],\n'
-            '                   check=True)\n'
-            "sys.path.insert(0, str(bundle))\n"
-            "from kernel_utils.config import resolve_data_dir, resolve_work_dir\n"
-            "from kernel_utils.submit.predict import predict_test\n"
-            "from kernel_utils.submit.writer import validate_submission\n\n"
-            "data_dir, work_dir = resolve_data_dir(DATA_DIR), resolve_work_dir(WORK_DIR)\n"
-            'shutil.copytree(bundle / "work", work_dir, dirs_exist_ok=True)'),
+        nbformat.v4.new_code_cell(INSTALL_CELL.format(slug=slug)),
         nbformat.v4.new_code_cell(
             "submission = predict_test(data_dir, work_dir, all_models=ALL_MODELS)\n"
             'validate_submission(work_dir / "submission.csv", data_dir / "test.csv")\n'
@@ -98,16 +106,19 @@ def submission_notebook(slug: str) -> nbformat.NotebookNode:
 
 
 def make_bundle(work_dir: str | Path, out: str | Path, owner: str = "your-kaggle-username",
-                slug: str = "rsna-2022-kit", wheels: bool = False) -> Path:
-    """Write dataset/ and kernel/ under `out`; returns `out`."""
+                slug: str = "rsna-2022-kit", wheels: bool = False, wheel_cache: Path | None = None) -> Path:
+    """Write dataset/ and kernel/ under `out`; returns `out`. With `wheels`, the wheels are downloaded into
+    `wheel_cache` (reused by the next bundle; default: the bundle's own folder) and copied in."""
     work_dir, out = Path(work_dir), Path(out)
     dataset, kernel = out / "dataset", out / "kernel"
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(PACKAGE, dataset / "kernel_utils", ignore=_not_shipped)
     copy_weights(work_dir, dataset / "work")
-    (dataset / "requirements-kaggle.txt").write_text("\n".join(KAGGLE_REQUIREMENTS) + "\n")
+    (dataset / "requirements-kaggle.txt").write_text("\n".join(bundle_requirements()) + "\n")
     if wheels:
-        download_wheels(dataset / "wheels")
+        download_wheels(wheel_cache or dataset / "wheels")
+        if wheel_cache:
+            shutil.copytree(wheel_cache, dataset / "wheels")
     (dataset / "dataset-metadata.json").write_text(json.dumps(
         {"title": "RSNA 2022 kit bundle", "id": f"{owner}/{slug}", "licenses": [{"name": "CC0-1.0"}]}, indent=1))
     kernel.mkdir(parents=True)
