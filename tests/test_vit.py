@@ -84,6 +84,27 @@ def test_vertebra_crop_follows_each_vertebra_box():
         vertebra_volume(images, rows, crop="neck")
 
 
+def test_the_mask_channel_shows_each_depth_its_own_vertebra():
+    z_n, side = 70, 48
+    images = np.zeros((z_n, side, side, 3), dtype=np.uint8)
+    mask = np.zeros((z_n, side, side), dtype=np.uint8)
+    rows = []
+    for k in range(1, 8):  # vertebra k on slices 10(k-1)..10k-1, in the left half; k+1's label in the right half
+        mask[10 * (k - 1): 10 * k, 8:40, 8:24] = k
+        mask[10 * (k - 1): 10 * k, 8:40, 24:40] = k % 7 + 1
+        rows.append({"vertebra": f"C{k}", "found": True, "first": 10 * (k - 1), "last": 10 * k - 1,
+                     "y0": 8, "y1": 40, "x0": 8, "x1": 40})
+    rows = pd.DataFrame(rows)
+    plain, _ = vertebra_volume(images, rows, slices_per_vertebra=6, keep_every=2, size=16, margin=0.0)
+    vol, _ = vertebra_volume(images, rows, slices_per_vertebra=6, keep_every=2, size=16, margin=0.0, mask=mask)
+    assert plain.shape == (3, 21, 16, 16) and vol.shape == (4, 21, 16, 16)
+    assert np.array_equal(vol[:3], plain)
+    assert np.all(vol[3][:, :, :8] == 255) and np.all(vol[3][:, :, 8:] == 0)  # its own half only, every depth
+    settings = ViTSettings.for_profile("smoke")
+    assert settings.mask_channel and settings.input_fields()["mask_channel"]
+    assert "mask_channel" not in ViTSettings.for_profile("bench").input_fields()
+
+
 def test_occlusion_finds_the_region_the_model_reads():
     class Corner(torch.nn.Module):
         def forward(self, x):

@@ -39,6 +39,7 @@ class ViTSettings(StageSettings):
         train_on: "vertebrae" (single vertebrae, then the patient head) or "studies".
         rotate_shift: the small rotation and shift augmentation (False: flips and intensity jitter only).
         patch, hidden, layers, heads, dropout: MONAI's ViT.
+        mask_channel: with volume "vertebrae", notebook 02's mask of each depth's vertebra as one more channel.
     """
 
     form: ClassVar[str] = "vit"
@@ -46,9 +47,9 @@ class ViTSettings(StageSettings):
     stage: ClassVar[str] = "vit3d"
     PROFILES: ClassVar[dict[str, dict]] = {
         "smoke": dict(n_folds=2, epochs=1, max_steps_per_epoch=2, batch_size=2, slices_per_vertebra=4, size=32,
-                      patch=(2, 16, 16), hidden=64, layers=2, heads=4),
-        "demo": dict(n_folds=2, epochs=12, batch_size=8, slices_per_vertebra=8, size=48, patch=(4, 16, 16),
-                     hidden=96, layers=4, heads=4),
+                      patch=(2, 16, 16), hidden=64, layers=2, heads=4, mask_channel=True),
+        "demo": dict(n_folds=2, epochs=30, batch_size=8, slices_per_vertebra=8, size=48, patch=(4, 16, 16),
+                     hidden=96, layers=4, heads=4, mask_channel=True),
         "bench": dict(batch_size=16, size=64, hidden=384, layers=8, heads=8),
         "full": dict(),
     }
@@ -74,6 +75,7 @@ class ViTSettings(StageSettings):
     layers: int = 12
     heads: int = 12
     dropout: float = 0.1
+    mask_channel: bool = False
 
     name: ClassVar[str] = "vit3d"
     slices_first: ClassVar[bool] = False
@@ -95,18 +97,28 @@ class ViTSettings(StageSettings):
         return self.volume == "vertebrae"
 
     def input_fields(self) -> dict:
-        return {k: getattr(self, k) for k in ("volume", "crop", "slices_per_vertebra", "keep_every", "size")}
+        fields = {k: getattr(self, k) for k in ("volume", "crop", "slices_per_vertebra", "keep_every", "size")}
+        return {**fields, "mask_channel": True} if self.mask_channel else fields
 
     def study_input(self, entry: dict, loc: StudyLocalisation) -> tuple[np.ndarray, dict]:
         """uint8 [C, depth, size, size] and its meta (the slice of every depth, `used` [depth])."""
         meta = entry_meta(entry)
         if self.volume == "vertebrae":
             x, meta["used"] = vertebra_volume(entry["images"], loc.rows, self.slices_per_vertebra, self.keep_every,
-                                              self.size, self.crop)
+                                              self.size, self.crop,
+                                              mask=self._mask(entry, loc))
         else:
             x = study_volume(entry["images"], self.depth, self.size)
             meta["used"] = np.rint(np.linspace(0, len(entry["images"]) - 1, self.depth)).astype(int)
         return x, meta
+
+    def _mask(self, entry: dict, loc: StudyLocalisation) -> np.ndarray | None:
+        """The study's vertebra mask when the ViT takes it as a channel (all background where notebook 02 wrote
+        none)."""
+        if not self.mask_channel:
+            return None
+        mask = loc.load_mask()
+        return mask if mask is not None else np.zeros(entry["images"].shape[:3], np.uint8)
 
     @staticmethod
     def in_channels(x: np.ndarray) -> int:
@@ -144,7 +156,7 @@ def _cervical_box(ranges: pd.DataFrame | None, h: int, w: int, margin: float = 0
 
 def vertebra_volume(images: np.ndarray, ranges: pd.DataFrame | None, slices_per_vertebra: int = 30,
                     keep_every: int = 2, size: int = 64, crop: str = "vertebra",
-                    margin: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
+                    margin: float = 0.15, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Seed 004's input from one study.
 
     Args:
@@ -153,16 +165,19 @@ def vertebra_volume(images: np.ndarray, ranges: pd.DataFrame | None, slices_per_
             (whole slices).
         crop: "vertebra": each vertebra's slices cropped to its own square box with `margin`, so the fracture keeps
             the resolution the per-vertebra CNN sees; "spine": every slice cropped to the cervical spine's box.
+        mask: uint8 [Z, S, S] vertebra labels; when given, each depth gets one more channel, 255 where its
+            vertebra is (as the per-vertebra CNN's last channel).
 
     Returns:
-        uint8 [C, 7 * ceil(slices_per_vertebra / keep_every), size, size] and the slice index of every depth.
+        uint8 [C (+1 with mask), 7 * ceil(slices_per_vertebra / keep_every), size, size] and the slice index of
+        every depth.
     """
     if crop not in ("vertebra", "spine"):
         raise ValueError(f"ViT crop must be 'vertebra' or 'spine', not {crop!r}")
     z_n, h, w, c = images.shape
     rows = ranges.set_index("vertebra") if ranges is not None and len(ranges) else None
     spine = _cervical_box(ranges, h, w)
-    picks, boxes = [], []
+    picks, boxes, labels = [], [], []
     for k in range(1, 8):
         row = rows.loc[f"C{k}"] if rows is not None and f"C{k}" in rows.index else None
         if row is not None and bool(row["found"]):
@@ -174,11 +189,15 @@ def vertebra_volume(images: np.ndarray, ranges: pd.DataFrame | None, slices_per_
             box = (0, h, 0, w) if crop == "vertebra" else spine
         picks.append(zs[::keep_every])
         boxes += [box] * len(picks[-1])
+        labels += [k] * len(picks[-1])
     zs = np.concatenate(picks)
-    out = np.empty((c, len(zs), size, size), dtype=np.uint8)
-    for i, (z, (y0, y1, x0, x1)) in enumerate(zip(zs, boxes, strict=True)):
+    out = np.empty((c + (mask is not None), len(zs), size, size), dtype=np.uint8)
+    for i, (z, (y0, y1, x0, x1), k) in enumerate(zip(zs, boxes, labels, strict=True)):
         img = cv2.resize(np.ascontiguousarray(images[z, y0:y1, x0:x1]), (size, size), interpolation=cv2.INTER_AREA)
-        out[:, i] = img.reshape(size, size, c).transpose(2, 0, 1)
+        out[:c, i] = img.reshape(size, size, c).transpose(2, 0, 1)
+        if mask is not None:
+            own = ((mask[z, y0:y1, x0:x1] == k) * 255).astype(np.uint8)
+            out[c, i] = cv2.resize(own, (size, size), interpolation=cv2.INTER_NEAREST)
     return out, zs
 
 
