@@ -3,7 +3,8 @@
     python -m benchmarks.kaggle_check [--work-dir WORK] [--pythons 3.11 3.12]
 
 A twin is a clean virtual environment with the image's versions of every package the kernel imports
-(`kaggle_image.IMAGE`; torch as `TWIN_OVERRIDES` says). For each twin: the bundle's own wheels are removed, then
+(`kaggle_image.IMAGE`; torch as `TWIN_OVERRIDES` says), kept in `$KAGGLE_TWINS_DIR` (default
+~/.cache/rsna-kit/kaggle-twins). For each twin: the bundle's own wheels are removed, then
 the submission kernel runs from the bundle alone with the network cut (`unshare -n`, pip's configuration off): it
 installs the wheels with `--no-index` as on Kaggle and writes `submission.csv` for the synthetic test studies. Then,
 in the same twin and offline, every shipped JPEG Lossless decoder reads the real slices of `../shared/reference/dicom`,
@@ -14,6 +15,7 @@ used, goes to `benchmarks/results/kaggle_check.json`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -26,13 +28,17 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.common import ROOT, write_result
+from benchmarks.demo_run import profile_settings
 from kernel_utils.dev.bundle import make_bundle
 from kernel_utils.dev.kaggle_image import BUNDLE, IMAGE, PYTHONS, TWIN_OVERRIDES, VERIFIED_WHEELS, wheel_tag
 from kernel_utils.dev.pipeline import run
+from kernel_utils.io.dicom_io import load_study
 from kernel_utils.layout import WorkLayout
 from kernel_utils.submit.writer import validate_submission
 
 DATA = ROOT / ".data" / "kaggle_check"
+# The twins are whole environments (about 6 GB each): outside the repository, so its tree holds only the kit's code.
+TWINS = Path(os.environ.get("KAGGLE_TWINS_DIR", Path.home() / ".cache" / "rsna-kit" / "kaggle-twins"))
 REFERENCE = ROOT.parents[1] / "shared" / "reference" / "dicom"
 JPEG_LOSSLESS_STUDY = "1.2.826.0.1.3680043.14267"
 TWIN_EXTRA = ["ipykernel"]  # papermill's kernel, as the image has it
@@ -127,17 +133,22 @@ def offline_env(python: Path) -> dict[str, str]:
 
 
 def smoke_run(work_dir: Path) -> tuple[Path, Path]:
-    """(data_dir, work_dir) of a finished smoke run: the notebooks run once into work_dir."""
-    data_dir = work_dir / "synthetic_smoke"
-    if not WorkLayout(work_dir).submission.exists():
+    """(data_dir, work_dir) of a finished smoke run with the smoke profile's current settings: run again when a
+    setting changed since the last one."""
+    data_dir, made_with = work_dir / "synthetic_smoke", work_dir / "kaggle_check_settings.json"
+    settings = json.loads(json.dumps(profile_settings("smoke"), default=str))
+    if not (WorkLayout(work_dir).submission.exists() and made_with.exists()
+            and json.loads(made_with.read_text()) == settings):
+        shutil.rmtree(work_dir, ignore_errors=True)
         run(None, work_dir, "smoke")
+        made_with.write_text(json.dumps(settings))
     return data_dir, work_dir
 
 
 def check_twin(version: str, bundle: Path, data_dir: Path, reference_submission: pd.Series) -> dict:
     """One twin: a clean install of the bundle, the kernel offline, the decoders, the pretrained weights."""
     start = time.perf_counter()
-    python = make_twin(version, DATA / "twins")
+    python = make_twin(version, TWINS)
     made = time.perf_counter() - start
     shipped = [r.split("==")[0] for r in BUNDLE]
     subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "-q", *shipped], check=True, capture_output=True)
@@ -177,10 +188,7 @@ def check_twin(version: str, bundle: Path, data_dir: Path, reference_submission:
 
 
 def host_decode_sha1() -> str | None:
-    import hashlib
-
-    from kernel_utils.io.dicom_io import load_study
-
+    """The kit venv's HU of the real JPEG Lossless study (pydicom), as a SHA-1; None without the reference data."""
     folder = REFERENCE / JPEG_LOSSLESS_STUDY
     return hashlib.sha1(load_study(folder, decoder="pydicom").hu.tobytes()).hexdigest() if folder.is_dir() else None
 

@@ -17,14 +17,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from benchmarks.common import ROOT, write_result
 from kernel_utils.dev.synthetic import make_dataset
 from kernel_utils.io.cache import profile_cache_spec
-from kernel_utils.layout import WorkLayout, read_json, write_json
+from kernel_utils.layout import WorkLayout, read_json
 from kernel_utils.metric import TARGETS
 from kernel_utils.nets import create_model
+from kernel_utils.stages.fracture import save_predictions
 from kernel_utils.stages.fracture_settings import StudySettings, VertebraSettings
 from kernel_utils.stages.localisation_settings import LocalisationSettings
 from kernel_utils.stages.vertebra_localiser import save_localisation_meta
@@ -56,14 +58,14 @@ def untrained_work_dir(work_dir: Path, profile: str) -> list[str]:
         save_untrained(head, layout.localisation_models, loc.sequence_cfg, k)
     save_localisation_meta(layout, loc, loc.n_folds)
     names = []
-    for settings, in_channels in ((VertebraSettings.for_profile(profile), 2 * VertebraSettings.context + 2),
+    vertebra, vit = VertebraSettings.for_profile(profile), ViTSettings.for_profile(profile)
+    for settings, in_channels in ((vertebra, 2 * vertebra.context + 2),  # the neighbours and the mask
                                   (StudySettings.for_profile(profile), channels),
-                                  (ViTSettings.for_profile(profile), channels)):
+                                  (vit, channels + vit.mask_channel)):
         for k in range(settings.n_folds):
             save_untrained(create_model(settings.cfg, in_channels), layout.models(settings.family), settings.cfg, k)
-        write_json(layout.model_meta(settings.name), {
-            "form": settings.form, "settings": settings.to_json(), "run_name": settings.cfg.run_name,
-            "patient_mode": settings.patient_modes[0], "n_folds": settings.n_folds})
+        save_predictions(layout, settings, pd.DataFrame(), pd.DataFrame(),
+                         {"patient_mode": settings.patient_modes[0], "n_folds": settings.n_folds})
         names.append(settings.name)
     weights = np.full((len(TARGETS), len(names)), 1 / len(names))
     save_ensemble(layout, names, weights, "blend_shared", dict.fromkeys(TARGETS, 0.2), profile_cache_spec(profile))

@@ -17,7 +17,6 @@ from kernel_utils.dev.kaggle_image import (
     wheel_fits,
 )
 
-MANIFEST = VERIFIED_WHEELS  # written by a passing `make kaggle-check`
 JPEG_LOSSLESS_DECODERS = {"python-gdcm", "pylibjpeg-libjpeg", "imagecodecs"}
 
 
@@ -55,8 +54,8 @@ def test_wheel_tags_are_read_for_the_python_and_platform(name, python, fits):
 
 @pytest.mark.parametrize("python", PYTHONS)
 def test_the_bundle_wheels_cover_every_import_of_the_kernel(python):
-    manifest = json.loads(MANIFEST.read_text())
-    assert python in manifest, f"{MANIFEST} has no wheels for Python {python}: run make kaggle-check"
+    manifest = json.loads(VERIFIED_WHEELS.read_text())  # written by a passing `make kaggle-check`
+    assert python in manifest, f"{VERIFIED_WHEELS} has no wheels for Python {python}: run make kaggle-check"
     wheels = manifest[python]
     assert all(wheel_fits(w, python) for w in wheels), [w for w in wheels if not wheel_fits(w, python)]
     dists = shipped(wheels)

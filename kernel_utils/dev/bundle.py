@@ -21,7 +21,7 @@ from pathlib import Path
 
 import nbformat
 
-from kernel_utils.dev.kaggle_image import PYTHONS, bundle_requirements, download_closure, wheel_tag
+from kernel_utils.dev.kaggle_image import BUNDLE, PYTHONS, download_closure, wheel_tag
 from kernel_utils.layout import WorkLayout
 
 PACKAGE = Path(__file__).resolve().parents[1]  # kernel_utils; its dev/ stays behind
@@ -53,7 +53,7 @@ def copy_weights(work_dir: Path, dest: Path) -> list[Path]:
 def download_wheels(dest: Path, pythons: tuple[str, ...] = PYTHONS) -> dict[str, list[str]]:
     """Wheels of the bundle's requirements and the dependencies the image lacks, one folder a Python version
     (`dest/cp311`, ...); returns {python version: wheel file names}, also written to `dest/manifest.json`."""
-    manifest = {v: [w.name for w in download_closure(bundle_requirements(), dest / wheel_tag(v), v)] for v in pythons}
+    manifest = {v: [w.name for w in download_closure(list(BUNDLE), dest / wheel_tag(v), v)] for v in pythons}
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -114,7 +114,7 @@ def make_bundle(work_dir: str | Path, out: str | Path, owner: str = "your-kaggle
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(PACKAGE, dataset / "kernel_utils", ignore=_not_shipped)
     copy_weights(work_dir, dataset / "work")
-    (dataset / "requirements-kaggle.txt").write_text("\n".join(bundle_requirements()) + "\n")
+    (dataset / "requirements-kaggle.txt").write_text("\n".join(BUNDLE) + "\n")
     if wheels:
         download_wheels(wheel_cache or dataset / "wheels")
         if wheel_cache:

@@ -1,9 +1,9 @@
 """What the Kaggle image holds, what the submission kernel imports, and the wheels the bundle adds.
 
 The image's versions are those of Kaggle/docker-python's `installed_cpu_packages.txt` (main branch) for the packages
-the kernel imports. `kernel_imports()` reads the shipped package's imports; `bundle_requirements()` is what the
-bundle installs on top of the image; `download_closure()` fetches their wheels and the dependencies the image lacks,
-for one Python version, without installing anything.
+the kernel imports. `kernel_imports()` reads the shipped package's imports; `BUNDLE` (requirements-kaggle.txt) is
+what the bundle installs on top of the image; `download_closure()` fetches their wheels and the dependencies the
+image lacks, for one Python version, without installing anything.
 """
 
 from __future__ import annotations
@@ -72,11 +72,6 @@ def dist_of(module: str) -> str:
     return canonicalize_name(MODULE_DIST.get(module, module))
 
 
-def bundle_requirements() -> list[str]:
-    """The bundle's requirements-kaggle.txt: what the kernel needs on top of the image."""
-    return list(BUNDLE)
-
-
 def uncovered_imports(imports: set[str], shipped: set[str]) -> set[str]:
     """The kernel's imports that neither the image nor the shipped distributions provide."""
     have = {canonicalize_name(d) for d in [*IMAGE, *IMAGE_ALSO]} | {canonicalize_name(d) for d in shipped}
@@ -133,7 +128,7 @@ def download_closure(requirements: list[str], dest: Path, python_version: str) -
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--no-deps",
                         "--python-version", python_version, "--implementation", "cp", *platforms, "-d", str(dest),
                         str(req)], check=True)
-        new = [w for w in set(dest.glob("*.whl")) - before] or [
+        new = list(set(dest.glob("*.whl")) - before) or [
             w for w in dest.glob("*.whl") if canonicalize_name(parse_wheel_filename(w.name)[0]) == name]
         for wheel in new:
             queue += [str(r) for r in _requires(wheel, python_version) if canonicalize_name(r.name) not in image]
