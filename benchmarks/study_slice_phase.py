@@ -45,7 +45,7 @@ from kernel_utils.stages.fracture import (
     slice_phase_config,
     studies_of,
 )
-from kernel_utils.stages.fracture_data import FractureDataset, slice_targets_of, targets_of
+from kernel_utils.stages.fracture_data import slice_targets_of, targets_of
 from kernel_utils.stages.inputs import boxed_slice_inputs
 from kernel_utils.stages.localisation_data import FeatureSequences
 from kernel_utils.training import fit, load_best, predict
@@ -106,41 +106,41 @@ def main(argv: list[str] | None = None) -> dict:
                out_dir, 0, progress=False)
     load_best(cnn, out_dir, cfg, 0)
     seconds = time.perf_counter() - start
-    slice_prob = predict(cnn, valid, 64)[:, 0]
-    study_max = [predict(cnn, FractureDataset(list(np.asarray(inputs[i])), None), 64)[:, 0].max() for i in va]
-    patient = targets_of(table, uids)[va, 7]
-    patient_auc = float(roc_auc_score(patient, study_max))
+    slice_logit = predict(cnn, valid, 64)[:, 0]
     study.encoder.freeze_backbone()  # seed 002's second phase, as `cross_validate_fracture` runs it
-    feats = slice_features_of(study, inputs, 64)
+    feats = slice_features_of(study, inputs, 64)  # [S, N, F]: the CNN's features of every sampled slice
+    with torch.no_grad():
+        study_max = cnn.head.cpu()(torch.from_numpy(feats[va])).amax(dim=(1, 2)).numpy()
+    targets = targets_of(table, uids)
     seq_cfg = dataclasses.replace(sequence_phase_config(settings), stage=f"{cfg.stage}_sequence",
                                   params=(*settings.cfg.params, ("slice_phase", cfg.run_name)))
-    targets = targets_of(table, uids)
     seq_hist = fit(SequenceOnFeatures(study), FeatureSequences(list(feats[tr]), list(targets[tr])),
                    FeatureSequences(list(feats[va]), list(targets[va])), batch_loss, seq_cfg, out_dir, 0,
                    progress=False)
     load_best(SequenceOnFeatures(study), out_dir, seq_cfg, 0)
-    seq_prob = 1 / (1 + np.exp(-predict(SequenceOnFeatures(study), FeatureSequences(list(feats[va])), 64)))
-    seq_auc = {name: float(roc_auc_score(targets[va, k], seq_prob[:, k])) for k, name in enumerate(TARGETS)}
+    seq_logit = predict(SequenceOnFeatures(study), FeatureSequences(list(feats[va])), 64)
+    seq_auc = {name: float(roc_auc_score(targets[va, k], seq_logit[:, k])) for k, name in enumerate(TARGETS)}
     prevalence = np.clip(targets[tr].mean(0), 1e-3, 1 - 1e-3)
     constant = float(competition_bce(torch.logit(torch.tensor(prevalence)).expand(len(va), 8),
                                      torch.tensor(targets[va])))
-    positives = int(train.targets.sum()) + (len(extra) if extra is not None else 0)
-    name = f"study_slice_phase_{args.profile}_cpu" + (f"_{args.tag}" if args.tag else "")
+    n_extra = len(extra) if extra is not None else 0
+    where = "gpu" if torch.cuda.is_available() else "cpu"
+    name = f"study_slice_phase_{args.profile}_{where}" + (f"_{args.tag}" if args.tag else "")
     result = {
         "profile": args.profile, "slice_labels": args.slice_labels, "run": cfg.run_name, "model": cfg.model,
         "lr": cfg.lr, "epochs": cfg.epochs, "params": dict(settings.cfg.params),
-        "train_slices": len(train) + (len(extra) if extra is not None else 0), "train_fractured_slices": positives,
+        "train_slices": len(train) + n_extra, "train_fractured_slices": int(train.targets.sum()) + n_extra,
         "train_studies": len(tr), "valid_studies": len(va), "valid_slices": len(valid),
         "valid_fractured_slices": int(valid.targets.sum()),
-        "slice_auc": float(roc_auc_score(valid.targets[:, 0], slice_prob)),
-        "patient_auc_of_max_slice": patient_auc,
+        "slice_auc": float(roc_auc_score(valid.targets[:, 0], slice_logit)),
+        "patient_auc_of_max_slice": float(roc_auc_score(targets[va, 7], study_max)),
         "sequence": {"valid_loss_by_epoch": seq_hist["valid_loss"].round(4).tolist(),
                      "best_valid_loss": float(seq_hist["valid_loss"].min()),
                      "train_prevalence_valid_loss": constant, "auc": seq_auc,
                      "mean_vertebra_auc": float(np.mean([seq_auc[v] for v in TARGETS[:7]]))},
         "valid_loss_by_epoch": hist["valid_loss"].round(4).tolist(),
         "train_loss_by_epoch": hist["train_loss"].round(4).tolist(), "train_seconds": seconds,
-              "resumed_from_checkpoints": resumed}
+        "resumed_from_checkpoints": resumed}
     write_result(name, result)
     return result
 
