@@ -39,11 +39,10 @@ from kernel_utils.io.windowing import resize_slices
 from kernel_utils.layout import WorkLayout, write_csv
 from kernel_utils.metric import NORMALIZATIONS, TARGETS, VERTEBRAE, competition_loss
 from kernel_utils.stages.fracture import cross_validate_fracture, load_fold_models, predict_fracture, save_predictions
-from kernel_utils.stages.fracture_data import slice_targets_of
-from kernel_utils.stages.inputs import boxed_slice_inputs, build_inputs
+from kernel_utils.stages.inputs import build_inputs
 from kernel_utils.stages.localisation import best_range_source, cross_validate
 from kernel_utils.stages.localisation_settings import LocalisationSettings
-from kernel_utils.stages.stage import FORMS
+from kernel_utils.stages.stage import FORMS, slice_labels_of
 from kernel_utils.stages.vertebra_localiser import (
     load_localisation_models,
     localise_all,
@@ -236,11 +235,11 @@ def main(argv: list[str] | None = None) -> dict:
         uids, inputs, metas = form_inputs(data_dir, work_dir, spec, settings, "train")
         t1 = time.perf_counter()
         wants_slices = settings.slices_first or settings.slice_loss > 0
-        slice_targets = slice_targets_of(uids, metas, labels, boxes_true) if wants_slices else None
+        slice_targets, extra = slice_labels_of(data_dir, work_dir, spec, settings, inputs, labels, boxes_true,
+                                               progress=False) if wants_slices else (None, None)
         resumed = any((work_dir / f"fracture_models_{where}").glob(f"{settings.cfg.run_name}_fold*_last.pt"))
-        boxed = boxed_slice_inputs(data_dir, work_dir, spec, settings, uids, boxes_true)
         cv = cross_validate_fracture(uids, inputs, labels, settings, work_dir / f"fracture_models_{where}",
-                                     progress=False, slice_targets=slice_targets, boxed_slices=boxed)
+                                     progress=False, slice_targets=slice_targets, extra_slices=extra)
         t2 = time.perf_counter()
         tu, ti, _ = form_inputs(data_dir, work_dir, spec, settings, "test")
         t3 = time.perf_counter()

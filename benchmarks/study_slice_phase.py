@@ -31,23 +31,21 @@ from kernel_utils.io.cache import profile_cache_spec
 from kernel_utils.metric import TARGETS
 from kernel_utils.nets.fracture_nets import (
     SequenceOnFeatures,
-    SliceFracture,
     batch_loss,
     competition_bce,
     vertebra_batch_loss,
 )
 from kernel_utils.nets.registry import create_model
 from kernel_utils.stages.fracture import (
-    boxed_slice_samples,
     labelled_slices,
     sequence_phase_config,
     slice_features_of,
     slice_phase_config,
     studies_of,
 )
-from kernel_utils.stages.fracture_data import slice_targets_of, targets_of
-from kernel_utils.stages.inputs import boxed_slice_inputs
+from kernel_utils.stages.fracture_data import targets_of
 from kernel_utils.stages.localisation_data import FeatureSequences
+from kernel_utils.stages.stage import slice_labels_of
 from kernel_utils.training import fit, load_best, predict
 
 
@@ -84,19 +82,19 @@ def main(argv: list[str] | None = None) -> dict:
     labels = pd.read_csv(data_dir / "train.csv")
     boxes = pd.read_csv(data_dir / "train_bounding_boxes.csv")
     if args.slice_labels == "truth":
-        slice_targets, boxed = truth_slice_targets(data_dir, uids, metas), None
+        slice_targets, extra_slices = truth_slice_targets(data_dir, uids, metas), None
     else:
-        slice_targets = slice_targets_of(uids, metas, labels, boxes)
-        boxed = boxed_slice_inputs(data_dir, work_dir, spec, settings, uids, boxes)
+        slice_targets, extra_slices = slice_labels_of(data_dir, work_dir, spec, settings, inputs, labels, boxes,
+                                                      progress=False)
     table = labels.set_index("StudyInstanceUID").loc[uids].reset_index()
     fold_of = make_folds(table, settings.n_folds).reindex(uids).to_numpy()
     tr, va = np.flatnonzero(fold_of != 0), np.flatnonzero(fold_of == 0)
     channels = settings.in_channels(inputs[0])
     image_channels = settings.image_channels(channels)
     study = create_model(settings.cfg, channels)
-    cnn = SliceFracture(study.encoder.backbone)
+    cnn = study.slice_model()
     train = labelled_slices(studies_of(inputs, tr), slice_targets[tr], True, image_channels, settings.rotate_shift)
-    extra = boxed_slice_samples(boxed, tr, image_channels, settings.rotate_shift)
+    extra = extra_slices.samples(tr, image_channels, settings.rotate_shift) if extra_slices else None
     valid = labelled_slices(studies_of(inputs, va), slice_targets[va], False, image_channels)
     cfg = dataclasses.replace(slice_phase_config(settings.cfg), stage=f"study_slice_phase_{args.slice_labels}")
     out_dir = work_dir / "study_slice_phase_models"
@@ -129,7 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "profile": args.profile, "slice_labels": args.slice_labels, "run": cfg.run_name, "model": cfg.model,
         "lr": cfg.lr, "epochs": cfg.epochs, "params": dict(settings.cfg.params),
-        "train_slices": len(train) + n_extra, "train_fractured_slices": int(train.targets.sum()) + n_extra,
+        "train_slices": len(train) + n_extra,
+        "train_fractured_slices": int(train.targets.sum() + (extra.targets.sum() if extra is not None else 0)),
         "train_studies": len(tr), "valid_studies": len(va), "valid_slices": len(valid),
         "valid_fractured_slices": int(valid.targets.sum()),
         "slice_auc": float(roc_auc_score(valid.targets[:, 0], slice_logit)),

@@ -25,7 +25,6 @@ from kernel_utils.nets.fracture_nets import (
 )
 from kernel_utils.stages import fracture
 from kernel_utils.stages.fracture import (
-    boxed_slice_samples,
     cross_validate_fracture,
     fit_patient_head,
     labelled_slices,
@@ -41,10 +40,12 @@ from kernel_utils.stages.fracture_data import (
     evenly_spaced,
     slice_targets_of,
     study_sequence,
+    study_slice_labels,
     study_slices,
     vertebra_stacks,
 )
 from kernel_utils.stages.fracture_settings import StudySettings, VertebraSettings, fracture_settings
+from kernel_utils.stages.inputs import ExtraSlices, StudyInputs
 from kernel_utils.training import checkpoint_paths
 
 
@@ -244,31 +245,70 @@ def test_the_study_form_trains_its_cnn_on_slices_first(tmp_path):
     assert cv["raw_oof"].shape == (8, 8) and np.isfinite(cv["raw_oof"]).all()
 
 
-def test_the_study_forms_boxed_slices_are_the_boxed_ones_it_does_not_sample_cropped_as_it_crops():
+def test_the_study_forms_extra_slices_are_labelled_ones_it_does_not_sample_cropped_as_it_crops():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (20, 48, 48, 3), dtype=np.uint8)
     entry = {"images": images, "slice_numbers": np.arange(101, 121), "crop_box": (8, 88, 16, 80),
              "original_shape": (20, 96, 96)}
-    settings = StudySettings.for_profile("smoke", n_slices=5, size=16, slice_labels="sampled")
-    sampled = set(study_slices(20, 5).tolist())  # 0, 5, 9, 14, 19
-    boxed = {101 + z for z in (3, 4, 5, 6)}  # slice 5 is sampled already
-    x = settings.boxed_slice_input(entry, boxed)
-    assert 5 in sampled and x.shape == (3, 3, 16, 16)
+    sampled = set(study_slices(20, 5).tolist())  # 0, 5, 10, 14, 19
+    labels = np.full(20, np.nan, np.float32)
+    labels[[3, 4, 5, 6]] = 1  # slice 5 is sampled already
+    labels[[10, 11, 12, 13, 14]] = 0
+    labels[[7, 8]] = 1
+    boxed = StudySettings.for_profile("smoke", n_slices=5, size=16, slice_labels="all_boxed")
+    assert 5 in sampled and boxed.extra_slice_choice(labels).tolist() == [3, 4, 6, 7, 8]  # unsampled fractured
+    everything = StudySettings.for_profile("smoke", n_slices=5, size=16, slice_labels="vertebrae", extra_slices=7)
+    assert everything.extra_slice_choice(labels).tolist() == [3, 4, 6, 7, 8, 11, 13]  # then healthy ones, evenly
+    few = StudySettings.for_profile("smoke", n_slices=5, size=16, slice_labels="vertebrae", extra_slices=3)
+    assert few.extra_slice_choice(labels).tolist() == [3, 6, 8]  # evenly spaced over the five fractured ones
+    x = boxed.extra_slice_input(entry, np.array([3, 4, 6]))
     crop = crop_box_on_cache(entry)
-    assert np.array_equal(x, crop_slices(images, crop, np.array([3, 4, 6]), 16))
+    assert x.shape == (3, 3, 16, 16) and np.array_equal(x, crop_slices(images, crop, np.array([3, 4, 6]), 16))
     assert np.array_equal(crop_slices(images, crop, study_slices(20, 5), 16), study_sequence(images, crop, 5, 16))
-    assert settings.boxed_slice_input(entry, {999}).shape == (0, 3, 16, 16)
-    assert not settings.wants_boxed_slices and StudySettings.for_profile("smoke").wants_boxed_slices
-    assert not StudySettings.for_profile("smoke", train="end_to_end").wants_boxed_slices
+    assert boxed.extra_slice_input(entry, np.array([], int)).shape == (0, 3, 16, 16)
+    sampled_only = StudySettings.for_profile("smoke", slice_labels="sampled")
+    assert not sampled_only.wants_extra_slices and StudySettings.for_profile("smoke").wants_extra_slices
+    assert not StudySettings.for_profile("smoke", train="end_to_end").wants_extra_slices
+    assert everything.labels_from_localisation and not boxed.labels_from_localisation
     with pytest.raises(ValueError, match="slice_labels"):
-        _ = StudySettings.for_profile("smoke", slice_labels="every").wants_boxed_slices
+        StudySettings.for_profile("smoke", slice_labels="every")
 
 
-def test_boxed_slices_join_the_slice_phase_as_fractured_slices_of_the_training_studies_only(tmp_path, monkeypatch):
-    extra = [None, np.full((2, 3, 8, 8), 7, np.uint8), None, np.full((1, 3, 8, 8), 9, np.uint8)]
-    ds = boxed_slice_samples(extra, [0, 1, 2], 3, False)
-    assert len(ds) == 2 and all(float(ds[i]["target"]) == 1 for i in range(2))
-    assert boxed_slice_samples(extra, [0, 2], 3, False) is None and boxed_slice_samples(None, [1], 3, False) is None
+def test_vertebra_ranges_label_the_slices_of_a_fractured_study_without_boxes():
+    numbers = np.arange(30, 10, -1)  # feet first: slice numbers 30 down to 11
+    ranges = pd.DataFrame([{"vertebra": f"C{k}", "found": k != 6, "first_slice_number": 12 + 2 * k,
+                            "last_slice_number": 13 + 2 * k} for k in range(1, 8)])
+    fractured = np.zeros(8, bool)
+    fractured[[2, 7]] = True  # C3 and the patient
+    z = study_slice_labels(numbers, fractured, set(), ranges)
+    assert sorted(numbers[z == 1].tolist()) == [18, 19] and (z[z != 1] == 0).all()  # C3's slice numbers
+    fractured[5] = True  # C6 too, which the localisation did not find: its slices could be anywhere else
+    z = study_slice_labels(numbers, fractured, set(), ranges)
+    assert sorted(numbers[z == 1].tolist()) == [18, 19] and np.isnan(z[z != 1]).all()
+    assert np.isnan(study_slice_labels(numbers, fractured, set(), None)).all()  # no ranges: nobody knows
+    assert study_slice_labels(numbers, fractured, {25}, ranges).tolist() == (numbers == 25).tolist()  # boxes win
+    assert (study_slice_labels(numbers, np.zeros(8, bool), set(), None) == 0).all()  # healthy: 0 everywhere
+    labels = pd.DataFrame({"StudyInstanceUID": ["a"], **{t: [int(t in ("C3", "patient_overall"))] for t in TARGETS}})
+    metas = [{"slice_numbers": numbers, "used": np.array([0, 11, 12, 19])}]  # numbers 30, 19, 18, 11
+    t = slice_targets_of(["a"], metas, labels, pd.DataFrame(columns=["StudyInstanceUID", "slice_number"]),
+                         {"a": ranges})
+    assert t.tolist() == [[0, 1, 1, 0]]
+
+
+def _extra_store(tmp_path, arrays: dict[int, np.ndarray]) -> ExtraSlices:
+    paths = []
+    for i, x in arrays.items():
+        paths.append(tmp_path / f"extra{i}.npy")
+        np.save(paths[-1], x)
+    store = StudyInputs([f"s{i}" for i in arrays], paths, [{} for _ in arrays])
+    return ExtraSlices(store, list(arrays), [np.arange(len(x)) % 2 for x in arrays.values()])
+
+
+def test_extra_slices_join_the_slice_phase_of_their_training_studies_only(tmp_path, monkeypatch):
+    extra = _extra_store(tmp_path, {1: np.full((2, 3, 8, 8), 7, np.uint8), 3: np.full((3, 3, 8, 8), 9, np.uint8)})
+    ds = extra.samples([0, 1, 2], 3, False)
+    assert len(ds) == 2 and [float(ds[i]["target"]) for i in range(2)] == [0, 1] and extra.fractured == 2
+    assert extra.samples([0, 2], 3, False) is None
     seen = []
     original = fracture.fit
 
@@ -283,16 +323,26 @@ def test_boxed_slices_join_the_slice_phase_as_fractured_slices_of_the_training_s
     inputs = [rng.integers(0, 255, (3, 3, 32, 32), dtype=np.uint8) for _ in uids]
     slice_targets = np.where(np.arange(8)[:, None] % 2, np.nan, 0.0) * np.ones((1, 3))
     slice_targets[[1, 3, 5, 7]] = (0, 1, 0)  # every fractured study boxed on its middle slice
-    boxed = [None] * 8
-    boxed[1] = rng.integers(0, 255, (4, 3, 32, 32), dtype=np.uint8)
+    extra = _extra_store(tmp_path, {1: rng.integers(0, 255, (4, 3, 32, 32), dtype=np.uint8)})
     settings = StudySettings.for_profile("smoke", model="resnet10t", slice_labels="all_boxed")
     cv = cross_validate_fracture(uids, inputs, labels, settings, tmp_path, progress=False,
-                                 slice_targets=slice_targets, boxed_slices=boxed)
+                                 slice_targets=slice_targets, extra_slices=extra)
     fold_of_1 = cv["folds"]["s1"]
     known = {k: int((~np.isnan(slice_targets[[i for i, u in enumerate(uids) if cv["folds"][u] != k]])).sum())
              for k in (0, 1)}
     slice_phase = seen[0::2]  # each fold: the slice phase, then the sequence phase
     assert slice_phase == [known[k] + (4 if k != fold_of_1 else 0) for k in (0, 1)]
+
+
+def test_the_slice_phase_shares_the_study_models_cnn_and_ignores_the_bilstms_settings():
+    settings = StudySettings.for_profile("smoke", model="resnet10t")
+    model = create_model(settings.cfg, 3)
+    assert model.slice_model().backbone is model.encoder.backbone
+    other = StudySettings.for_profile("smoke", model="resnet10t", hidden=16, sequence_epochs=3, sequence_lr=1e-2)
+    assert slice_phase_config(settings.cfg).run_name == slice_phase_config(other.cfg).run_name  # one CNN for both
+    assert sequence_phase_config(settings).run_name != sequence_phase_config(other).run_name
+    wider = StudySettings.for_profile("smoke", model="resnet10t", size=48)
+    assert slice_phase_config(settings.cfg).run_name != slice_phase_config(wider.cfg).run_name
 
 
 def test_the_study_forms_sequence_phase_is_named_after_its_slice_phase():

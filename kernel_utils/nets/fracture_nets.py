@@ -148,7 +148,8 @@ class VertebraCnnLstm(nn.Module):
 
 class SliceFracture(nn.Module):
     """Seed 002's first phase: the study model's CNN with a one-logit head, trained on single slices with
-    image-level labels; it shares the backbone module, so training it trains the study model's CNN.
+    image-level labels; it shares the backbone module (`StudyCnnLstm.slice_model`), so training it trains the
+    study model's CNN.
 
     forward: x [B, C, H, W] -> logits [B, 1].
     """
@@ -175,6 +176,10 @@ class StudyCnnLstm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x))
+
+    def slice_model(self) -> SliceFracture:
+        """The first phase's model, sharing this model's CNN."""
+        return SliceFracture(self.encoder.backbone)
 
 
 class SequenceOnFeatures(nn.Module):

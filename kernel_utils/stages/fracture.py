@@ -24,14 +24,13 @@ from kernel_utils.metric import NORMALIZATIONS, TARGETS, competition_loss
 from kernel_utils.nets import create_model
 from kernel_utils.nets.fracture_nets import (
     SequenceOnFeatures,
-    SliceFracture,
     batch_loss,
     vertebra_batch_loss,
     vertebra_bce,
     vertebra_slice_loss,
 )
 from kernel_utils.stages.fracture_data import FractureDataset, targets_of
-from kernel_utils.stages.inputs import Views
+from kernel_utils.stages.inputs import ExtraSlices, Views
 from kernel_utils.stages.localisation_data import FeatureSequences
 from kernel_utils.training import (
     TrainConfig,
@@ -116,9 +115,14 @@ def fit_patient_head(model: torch.nn.Module, inputs: list[np.ndarray], targets: 
     return losses
 
 
+SEQUENCE_ONLY = ("hidden", "sequence_epochs", "sequence_lr")  # the first phase ignores these
+
+
 def slice_phase_config(cfg: TrainConfig) -> TrainConfig:
-    """The study form's first phase: the same settings on single slices, its own checkpoints."""
-    return dataclasses.replace(cfg, stage=f"{cfg.stage}_slices", batch_size=max(16, cfg.batch_size))
+    """The study form's first phase: the same settings on single slices (less those of the BiLSTM alone), its own
+    checkpoints."""
+    params = tuple((k, v) for k, v in cfg.params if k not in SEQUENCE_ONLY)
+    return dataclasses.replace(cfg, stage=f"{cfg.stage}_slices", batch_size=max(16, cfg.batch_size), params=params)
 
 
 def sequence_phase_config(settings) -> TrainConfig:
@@ -144,21 +148,8 @@ def labelled_slices(inputs: Sequence[np.ndarray], slice_targets: np.ndarray, aug
                            augment=augment, image_channels=image_channels, rotate_shift=rotate_shift)
 
 
-def boxed_slice_samples(boxed_slices: list[np.ndarray | None] | None, index, image_channels: int | None,
-                        rotate_shift: bool) -> FractureDataset | None:
-    """The extra boxed slices (`inputs.boxed_slice_inputs`) of the studies `index` as fractured single slices:
-    images [C, H, W], target [1] = 1, augmented; None when there are none."""
-    if boxed_slices is None:
-        return None
-    slices = [x for i in index if boxed_slices[i] is not None for x in boxed_slices[i]]
-    if not slices:
-        return None
-    return FractureDataset(slices, np.ones((len(slices), 1), np.float32), augment=True,
-                           image_channels=image_channels, rotate_shift=rotate_shift)
-
-
 def _train_fold(settings, model, inputs, targets, slice_targets, tr, va, fold, out_dir, image_channels,
-                progress, boxed_slices=None) -> list[tuple[str, pd.DataFrame]]:
+                progress, extra_slices=None) -> list[tuple[str, pd.DataFrame]]:
     """Fit one fold and leave its best weights in `model`; returns (what was trained, history) of each phase.
     Training on single vertebrae adds the patient head stage; `slices_first` trains the CNN on slices first."""
     tr_inputs, va_inputs = studies_of(inputs, tr), studies_of(inputs, va)
@@ -183,13 +174,15 @@ def _train_fold(settings, model, inputs, targets, slice_targets, tr, va, fold, o
         atomic_save({**state, "model": model.state_dict(), "patient_head_loss": losses[-1]}, best_path)
         return [(f"{settings.name} (single vertebrae)", hist)]
     if settings.slices_first:
-        extra = boxed_slice_samples(boxed_slices, tr, image_channels, settings.rotate_shift)
-        if slice_targets is None or not (np.nansum(slice_targets[tr]) or extra is not None):
-            log.warning("fold %d: no boxed slice to train the CNN on first (train_bounding_boxes.csv); the study "
-                        "model trains end to end", fold)
+        extra = extra_slices.samples(tr, image_channels, settings.rotate_shift) if extra_slices else None
+        fractured = (np.nansum(slice_targets[tr]) if slice_targets is not None else 0) + (
+            extra.targets.sum() if extra is not None else 0)
+        if slice_targets is None or not fractured:
+            log.warning("fold %d: no fractured slice to train the CNN on first (train_bounding_boxes.csv, or "
+                        "vertebra labels with notebook 02's ranges); the study model trains end to end", fold)
         else:
             slice_cfg = slice_phase_config(settings.cfg)
-            first = SliceFracture(model.encoder.backbone)
+            first = model.slice_model()
             train_slices = labelled_slices(tr_inputs, slice_targets[tr], True, image_channels, settings.rotate_shift)
             hist = fit(first, train_slices if extra is None else ConcatDataset([train_slices, extra]),
                        labelled_slices(va_inputs, slice_targets[va], False, image_channels), vertebra_batch_loss,
@@ -218,14 +211,14 @@ def _train_fold(settings, model, inputs, targets, slice_targets, tr, va, fold, o
 def cross_validate_fracture(uids: list[str], inputs: Sequence[np.ndarray], labels: pd.DataFrame, settings,
                             out_dir: str | os.PathLike, progress: bool = True,
                             slice_targets: np.ndarray | None = None,
-                            boxed_slices: list[np.ndarray | None] | None = None) -> dict:
+                            extra_slices: ExtraSlices | None = None) -> dict:
     """Train one model per fold (folds stratified by the labels, grouped by study) and predict its held-out fold.
 
     settings: any form of the stage contract. inputs: each study's input (`StudyInputs`, read study by study, or
     a list). slice_targets: image-level labels of the sampled slices (`slice_targets_of`): the first phase of a
     form that trains its CNN on slices first, float [S, N]; the per-slice auxiliary loss of training on single
-    vertebrae (`slice_loss` its weight), float [S, 7, N]. boxed_slices: per study, the boxed slices its input
-    does not sample (`inputs.boxed_slice_inputs`), more fractured slices for that first phase.
+    vertebrae (`slice_loss` its weight), float [S, 7, N]. extra_slices: labelled slices the inputs do not sample
+    (`inputs.extra_slice_inputs`), more for that first phase.
 
     Returns:
         oof: wide out-of-fold predictions (patient_overall by the mode chosen); raw_oof: [N, 8] sigmoid outputs;
@@ -244,7 +237,7 @@ def cross_validate_fracture(uids: list[str], inputs: Sequence[np.ndarray], label
         tr, va = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
         model = create_model(settings.cfg, channels)
         for name, hist in _train_fold(settings, model, inputs, targets, slice_targets, tr, va, int(k), out_dir,
-                                      image_channels, progress, boxed_slices):
+                                      image_channels, progress, extra_slices):
             histories.append(hist.assign(model=name, fold=int(k)))
         valid_ds = FractureDataset(studies_of(inputs, va), targets[va])
         raw[va] = _sigmoid(predict(model, valid_ds, batch_size=settings.cfg.batch_size))

@@ -179,32 +179,86 @@ def boxed_slice_numbers(boxes: pd.DataFrame) -> dict[str, set[int]]:
     return {uid: set(part.slice_number.astype(int)) for uid, part in boxes.groupby("StudyInstanceUID")}
 
 
-def slice_targets_of(uids: list[str], metas: list[dict], labels: pd.DataFrame, boxes: pd.DataFrame) -> np.ndarray:
-    """Image-level labels of the sampled slices from `train_bounding_boxes.csv`, float32 [S, *used.shape]: 1 where
-    a box marks the slice, 0 where no fracture can be, nan where nobody knows.
+def study_slice_labels(slice_numbers: np.ndarray, fractured: np.ndarray, boxed: set[int],
+                       ranges: pd.DataFrame | None = None) -> np.ndarray:
+    """Image-level labels of every slice of one study, float32 [Z]: 1 on a fractured slice, 0 where no fracture can
+    be, nan where nobody knows.
 
-    Study form (`used` [N], seed 002 trains its CNN on these first): 0 on every slice of a study without fracture
-    and on the unboxed slices of a boxed study; nan on a fractured study without boxes.
+    fractured: bool [8], train.csv's C1..C7 and patient_overall; boxed: the slice numbers `train_bounding_boxes.csv`
+    boxes; ranges: the study's rows of notebook 02's `vertebrae.csv` (vertebra, found, first_slice_number,
+    last_slice_number), or None. A healthy study: 0. A boxed study: 1 on its boxed slices, 0 elsewhere. A fractured
+    study without boxes, given its ranges: 1 within a found fractured vertebra, 0 elsewhere when every fractured
+    vertebra was found (nan when one was not); without ranges: nan."""
+    numbers = np.asarray(slice_numbers)
+    if not fractured[7]:
+        return np.zeros(len(numbers), np.float32)
+    if boxed:
+        return np.isin(numbers, list(boxed)).astype(np.float32)
+    out = np.full(len(numbers), np.nan, np.float32)
+    if ranges is None or not len(ranges):
+        return out
+    rows = ranges.set_index("vertebra")
+    inside = np.zeros(len(numbers), bool)
+    all_found = True
+    for k in np.flatnonzero(fractured[:7]):
+        row = rows.loc[f"C{k + 1}"] if f"C{k + 1}" in rows.index else None
+        if row is None or not bool(row["found"]):
+            all_found = False
+            continue
+        lo, hi = sorted((int(row["first_slice_number"]), int(row["last_slice_number"])))
+        inside |= (numbers >= lo) & (numbers <= hi)
+    if all_found:
+        out[:] = 0
+    out[inside] = 1
+    return out
+
+
+def slice_targets_of(uids: list[str], metas: list[dict], labels: pd.DataFrame, boxes: pd.DataFrame,
+                     ranges: dict[str, pd.DataFrame] | None = None) -> np.ndarray:
+    """Image-level labels of the sampled slices, float32 [S, *used.shape]: 1 where a fracture is, 0 where no
+    fracture can be, nan where nobody knows.
+
+    Study form (`used` [N], seed 002 trains its CNN on these first): `study_slice_labels` of the sampled slices;
+    `ranges` (uid -> its rows of `vertebrae.csv`) labels the fractured studies without boxes from their vertebrae.
     Per-vertebra form (`used` [7, N], the auxiliary per-slice target): 0 on every slice of a vertebra labelled
     healthy (boxes or not); a fractured vertebra of a boxed study gets its boxed slices 1 and the others 0; nan
     for a fractured vertebra without boxes, or whose sampled slices miss every box (localisation missed it).
 
     metas: `build_inputs` metas (`used`: the sampled slice indices, `slice_numbers`)."""
+    shape = np.shape(metas[0]["used"]) if metas else (0,)
+    if len(shape) == 1:
+        every = all_slice_labels(uids, metas, labels, boxes, ranges)
+        return np.stack([z[meta["used"]] for z, meta in zip(every, metas, strict=True)]) if metas else \
+            np.zeros((0, 0), np.float32)
     table = labels.set_index("StudyInstanceUID")
     boxed = boxed_slice_numbers(boxes)
-    shape = np.shape(metas[0]["used"]) if metas else (0,)
-    per_vertebra = len(shape) == 2
     out = np.full((len(uids), *shape), np.nan, dtype=np.float32)
+    columns = [f"C{k}" for k in range(1, 8)]
     for i, (uid, meta) in enumerate(zip(uids, metas, strict=True)):
         numbers = np.asarray(meta["slice_numbers"])[meta["used"]]
         hit = np.isin(numbers, list(boxed.get(uid, ()))).astype(np.float32)
-        columns = [f"C{k}" for k in range(1, 8)] if per_vertebra else ["patient_overall"]
-        fractured = table.loc[uid, columns].to_numpy(bool) if uid in table.index else np.ones(len(columns), bool)
-        if per_vertebra:  # [7]: a fractured vertebra is known only where its sampled slices hold a box
-            known_fracture = hit.any(axis=1) if uid in boxed else np.zeros(7, bool)
-            out[i] = np.where(~fractured[:, None], 0, np.where(known_fracture[:, None], hit, np.nan))
-        elif uid in boxed or not fractured[0]:
-            out[i] = hit  # no box on a healthy study: all 0
+        fractured = table.loc[uid, columns].to_numpy(bool) if uid in table.index else np.ones(7, bool)
+        known_fracture = hit.any(axis=1) if uid in boxed else np.zeros(7, bool)  # [7]: only where a box is sampled
+        out[i] = np.where(~fractured[:, None], 0, np.where(known_fracture[:, None], hit, np.nan))
+    return out
+
+
+def all_slice_labels(uids: list[str], metas: list[dict], labels: pd.DataFrame, boxes: pd.DataFrame,
+                     ranges: dict[str, pd.DataFrame] | None = None) -> list[np.ndarray]:
+    """`study_slice_labels` of every slice of each study (a study missing from train.csv: unknown), float32 [Z]
+    each."""
+    table = labels.set_index("StudyInstanceUID").reindex(columns=TARGETS)  # without C1..C7: ranges cannot label
+    if table[TARGETS[:7]].isna().all().any():
+        ranges = None
+    boxed = boxed_slice_numbers(boxes)
+    out = []
+    for uid, meta in zip(uids, metas, strict=True):
+        if uid not in table.index:
+            out.append(np.full(len(meta["slice_numbers"]), np.nan, np.float32))
+            continue
+        fractured = table.loc[uid].fillna(0).to_numpy(bool)
+        out.append(study_slice_labels(meta["slice_numbers"], fractured, boxed.get(uid, set()),
+                                      None if ranges is None else ranges.get(uid)))
     return out
 
 

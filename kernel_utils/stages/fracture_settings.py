@@ -20,6 +20,7 @@ from kernel_utils.stages.fracture_data import (
     crop_box_on_cache,
     crop_slices,
     entry_meta,
+    evenly_spaced,
     study_sequence,
     study_slices,
     vertebra_stacks,
@@ -27,6 +28,7 @@ from kernel_utils.stages.fracture_data import (
 from kernel_utils.stages.study_localisation import StudyLocalisation
 
 FORMS = ("vertebra", "study")
+SLICE_LABELS = ("sampled", "all_boxed", "vertebrae")
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,8 @@ class VertebraSettings(CnnLstmSettings):
         return self.train_on == "vertebrae"
 
     slices_first: ClassVar[bool] = False
-    wants_boxed_slices: ClassVar[bool] = False
+    wants_extra_slices: ClassVar[bool] = False
+    labels_from_localisation: ClassVar[bool] = False
     patient_modes: ClassVar[tuple[str, ...]] = ("head", "product")
 
     @staticmethod
@@ -130,7 +133,12 @@ class StudySettings(CnnLstmSettings):
         sequence_epochs, sequence_lr: the BiLSTM's training on the frozen features.
         rotate_shift: the small rotation and shift augmentation (seed 002's), besides flips and jitter.
         slice_labels: what the CNN learns from first: "sampled" (the sampled slices whose label
-            `train_bounding_boxes.csv` gives) or "all_boxed" (also every other boxed slice of the training studies).
+            `train_bounding_boxes.csv` gives), "all_boxed" (also every other boxed slice of the training studies) or
+            "vertebrae" (besides the boxes, the fractured studies without boxes labelled from train.csv's
+            vertebrae and notebook 02's vertebra ranges, `study_slice_labels`, and up to `extra_slices` unsampled
+            labelled slices a study).
+        extra_slices: at most this many unsampled slices a study join the slice phase, fractured ones first
+            (`extra_slice_choice`; stored on disk).
     """
 
     form: ClassVar[str] = "study"
@@ -138,7 +146,7 @@ class StudySettings(CnnLstmSettings):
     PROFILES: ClassVar[dict[str, dict]] = {
         "smoke": dict(n_folds=2, epochs=1, max_steps_per_epoch=2, batch_size=4, n_slices=8, size=32,
                       model="resnet18", sequence_epochs=2),
-        "demo": dict(n_folds=2, epochs=3, n_slices=16, size=64, model="resnet18"),
+        "demo": dict(n_folds=2, epochs=3, n_slices=16, size=64, model="resnet18", slice_labels="all_boxed"),
         "bench": dict(epochs=25, n_slices=32, size=96),
         "full": dict(),
     }
@@ -151,7 +159,8 @@ class StudySettings(CnnLstmSettings):
     rotate_shift: bool = True
     sequence_epochs: int = 40
     sequence_lr: float = 1e-3
-    slice_labels: str = "all_boxed"
+    slice_labels: str = "vertebrae"
+    extra_slices: int = 16
 
     uses_localisation: ClassVar[bool] = False
 
@@ -166,21 +175,34 @@ class StudySettings(CnnLstmSettings):
         return study_sequence(entry["images"], meta["crop_box"], self.n_slices, self.size), meta
 
     def __post_init__(self):
-        if self.slice_labels not in ("sampled", "all_boxed"):
-            raise ValueError(f"slice_labels must be 'sampled' or 'all_boxed', got {self.slice_labels!r}")
+        if self.slice_labels not in SLICE_LABELS:
+            raise ValueError(f"slice_labels must be one of {SLICE_LABELS}, got {self.slice_labels!r}")
 
     @property
-    def wants_boxed_slices(self) -> bool:
-        return self.slices_first and self.slice_labels == "all_boxed"
+    def wants_extra_slices(self) -> bool:
+        """Whether the slice phase learns from labelled slices besides the sampled ones (`extra_slice_choice`)."""
+        return self.slices_first and self.slice_labels != "sampled"
 
-    def boxed_slice_input(self, entry: dict, slice_numbers: set[int]) -> np.ndarray:
-        """The boxed slices of a study that `study_input` does not sample, cropped as it crops: uint8 [K, C, size,
-        size] (K may be 0)."""
-        numbers = np.asarray(entry["slice_numbers"])
-        sampled = np.zeros(len(numbers), bool)
-        sampled[study_slices(len(numbers), self.n_slices)] = True
-        zs = np.flatnonzero(np.isin(numbers, list(slice_numbers)) & ~sampled)
-        return crop_slices(entry["images"], crop_box_on_cache(entry), zs, self.size)
+    @property
+    def labels_from_localisation(self) -> bool:
+        """Whether the slice labels need notebook 02's vertebra ranges (only the labels: the input does not)."""
+        return self.slices_first and self.slice_labels == "vertebrae"
+
+    def extra_slice_choice(self, labels: np.ndarray) -> np.ndarray:
+        """Which slices of a study join the slice phase besides the sampled ones, from its labels of every slice
+        float [Z]: at most `extra_slices` unsampled ones, evenly spaced over its fractured slices, then (with
+        slice_labels="vertebrae") as many of its healthy ones as fill the rest. int [K], in slice order."""
+        unsampled = np.ones(len(labels), bool)
+        unsampled[study_slices(len(labels), self.n_slices)] = False
+        fractured = _evenly_at_most(np.flatnonzero(unsampled & (labels == 1)), self.extra_slices)
+        if self.slice_labels != "vertebrae":
+            return fractured
+        healthy = _evenly_at_most(np.flatnonzero(unsampled & (labels == 0)), self.extra_slices - len(fractured))
+        return np.sort(np.concatenate([fractured, healthy]))
+
+    def extra_slice_input(self, entry: dict, zs: np.ndarray) -> np.ndarray:
+        """The slices zs of a study cropped as `study_input` crops: uint8 [K, C, size, size] (K may be 0)."""
+        return crop_slices(entry["images"], crop_box_on_cache(entry), np.asarray(zs, int), self.size)
 
     trains_on_vertebrae: ClassVar[bool] = False
     patient_modes: ClassVar[tuple[str, ...]] = ("head",)
@@ -192,6 +214,13 @@ class StudySettings(CnnLstmSettings):
     @property
     def slices_first(self) -> bool:
         return self.train == "slices_then_sequence"
+
+
+def _evenly_at_most(index: np.ndarray, n: int) -> np.ndarray:
+    """index itself when it has at most n items, else n of them evenly spaced (none when n <= 0)."""
+    if n <= 0:
+        return index[:0]
+    return index if len(index) <= n else index[np.unique(evenly_spaced(0, len(index) - 1, n))]
 
 
 SETTINGS = {"vertebra": VertebraSettings, "study": StudySettings}

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from kernel_utils.io.cache import CacheSpec, cached_studies, load_cached
 from kernel_utils.layout import atomic_file, layout_of, write_json
-from kernel_utils.stages.fracture_data import boxed_slice_numbers
+from kernel_utils.stages.fracture_data import FractureDataset
 from kernel_utils.stages.study_localisation import LocalisationTable
 
 log = logging.getLogger(__name__)
@@ -143,25 +144,68 @@ def build_inputs(data_dir: str | os.PathLike, work_dir, spec: CacheSpec, setting
     return StudyInputs(uids, paths, metas)
 
 
-def boxed_slice_inputs(data_dir: str | os.PathLike, work_dir, spec: CacheSpec, settings, uids: list[str],
-                       boxes) -> list[np.ndarray | None] | None:
-    """For a form that `wants_boxed_slices`: per train study of `uids`, the boxed slices (`train_bounding_boxes.csv`)
-    its input does not sample (`settings.boxed_slice_input`, uint8 [K, C, H, W]), None for a study without boxes or
-    whose cache cannot be read; None when the form wants none."""
-    if not settings.wants_boxed_slices or boxes is None:
+@dataclass
+class ExtraSlices:
+    """Labelled single slices of the training studies besides the sampled ones, for the study form's slice phase:
+    `store[j]` holds study `owners[j]`'s slices (position in the train uids), uint8 [K, C, H, W], labelled
+    `targets[j]` float [K]."""
+
+    store: StudyInputs
+    owners: list[int]
+    targets: list[np.ndarray]
+
+    def samples(self, index, image_channels: int | None, rotate_shift: bool) -> FractureDataset | None:
+        """The slices of the studies `index` as augmented single slices (image [C, H, W], target [1]); None when
+        they have none."""
+        chosen = set(int(i) for i in index)
+        picks = [(j, k) for j, owner in enumerate(self.owners) if owner in chosen
+                 for k in range(len(self.targets[j]))]
+        if not picks:
+            return None
+        targets = np.array([[self.targets[j][k]] for j, k in picks], np.float32)
+        return FractureDataset(Views(self.store, picks, _slice_of), targets, augment=True,
+                               image_channels=image_channels, rotate_shift=rotate_shift)
+
+    @property
+    def fractured(self) -> int:
+        return int(sum(float(np.sum(t)) for t in self.targets))
+
+
+def _slice_of(x: np.ndarray, k: int) -> np.ndarray:
+    return x[k]
+
+
+def extra_slice_inputs(data_dir: str | os.PathLike, work_dir, spec: CacheSpec, settings, uids: list[str],
+                       labels: list[np.ndarray], progress: bool = True) -> ExtraSlices | None:
+    """For a form that `wants_extra_slices`: the slices `settings.extra_slice_choice` picks from each train study's
+    labels of every slice (`all_slice_labels`), cut by `settings.extra_slice_input` and stored under
+    `inputs/<key>_extra/train/` (rebuilt when the choice or its labels change); a study whose cache cannot be read
+    is logged and left out. None when the form wants none."""
+    if not settings.wants_extra_slices:
         return None
-    boxed = boxed_slice_numbers(boxes)
+    layout = layout_of(work_dir)
+    folder = layout.inputs(f"{input_key(settings, spec)}_extra", "train")
+    folder.mkdir(parents=True, exist_ok=True)
     studies = {study_dir.name: (study_dir, seg) for study_dir, seg in cached_studies(data_dir, "train")}
-    out = []
-    for uid in uids:
-        if uid not in boxed or uid not in studies:
-            out.append(None)
+    owners, paths, metas, targets = [], [], [], []
+    for i, (uid, z_labels) in enumerate(tqdm(list(zip(uids, labels, strict=True)), desc=f"{settings.name} extra "
+                                             "labelled slices", disable=not progress, leave=False)):
+        zs = settings.extra_slice_choice(z_labels)
+        if not len(zs) or uid not in studies:
             continue
-        try:
-            entry = load_cached(work_dir, spec, *studies[uid])
-        except Exception as e:
-            log.warning("%s: boxed slices left out (%s)", uid, e)
-            out.append(None)
-            continue
-        out.append(settings.boxed_slice_input(entry, boxed[uid]))
-    return out
+        fingerprint = hashlib.sha1(zs.astype(np.int64).tobytes() + z_labels[zs].astype(np.float32).tobytes())
+        x_path, meta_path = folder / f"{uid}.npy", folder / f"{uid}.json"
+        meta = _stored_meta(x_path, meta_path, fingerprint.hexdigest()[:16])
+        if meta is None:
+            try:
+                entry = load_cached(work_dir, spec, *studies[uid])
+            except Exception as e:
+                log.warning("%s: extra labelled slices left out (%s)", uid, e)
+                continue
+            meta = {"zs": zs.tolist()}
+            save_input(x_path, meta_path, settings.extra_slice_input(entry, zs), meta, fingerprint.hexdigest()[:16])
+        owners.append(i)
+        paths.append(x_path)
+        metas.append(meta)
+        targets.append(z_labels[zs].astype(np.float32))
+    return ExtraSlices(StudyInputs([uids[i] for i in owners], paths, metas), owners, targets)

@@ -4,14 +4,16 @@ is trained, predicted and saved by the same three calls, here once.
 A form's settings (`VertebraSettings`, `StudySettings`, `ViTSettings`) give:
     name, form, family (models folder), n_folds, cfg (the training config), uses_localisation,
     study_input(entry, localisation) -> (uint8 input of one study, meta), in_channels(input),
-    image_channels(channels), trains_on_vertebrae, slices_first, wants_boxed_slices (and then
-    boxed_slice_input(entry, slice_numbers)), slice_loss, vertebra_block(input, k),
+    image_channels(channels), trains_on_vertebrae, slices_first, wants_extra_slices (and then
+    extra_slice_choice(labels), extra_slice_input(entry, zs)), labels_from_localisation, slice_loss,
+    vertebra_block(input, k),
     patient_modes, rotate_shift, to_json() / from_json().
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -30,12 +32,13 @@ from kernel_utils.stages.fracture import (
     save_predictions,
     with_patient_mode,
 )
-from kernel_utils.stages.fracture_data import slice_targets_of
+from kernel_utils.stages.fracture_data import all_slice_labels, slice_targets_of
 from kernel_utils.stages.fracture_settings import StudySettings, VertebraSettings
-from kernel_utils.stages.inputs import StudyInputs, boxed_slice_inputs, build_inputs
-from kernel_utils.stages.study_localisation import StudyLocalisation
+from kernel_utils.stages.inputs import ExtraSlices, StudyInputs, build_inputs, extra_slice_inputs
+from kernel_utils.stages.study_localisation import LocalisationTable, StudyLocalisation
 from kernel_utils.stages.vit import ViTSettings
 
+log = logging.getLogger(__name__)
 FORMS = {cls.form: cls for cls in (VertebraSettings, StudySettings, ViTSettings)}
 
 
@@ -63,6 +66,26 @@ class StageRun:
                 "train s/study (all folds)": self.seconds["train"] / n, "test s/study": self.seconds["test"] / m}
 
 
+def slice_labels_of(data_dir, work_dir, spec: CacheSpec, settings, train: StudyInputs, labels: pd.DataFrame,
+                    boxes: pd.DataFrame, progress: bool = True) -> tuple[np.ndarray, ExtraSlices | None]:
+    """What a form's slice labels need: the labels of its sampled slices (`slice_targets_of`) and the extra labelled
+    slices of a form that `wants_extra_slices`; vertebra ranges from notebook 02 where the form labels slices
+    from them (a warning where there are none: then only the boxes label)."""
+    ranges = None
+    if settings.labels_from_localisation:
+        localisation = LocalisationTable(layout_of(work_dir))
+        if not localisation.found:
+            log.warning("no %s: the study form's slices are labelled from train_bounding_boxes.csv alone",
+                        layout_of(work_dir).vertebrae)
+        ranges = localisation.by_uid
+    slice_targets = slice_targets_of(train.uids, train.metas, labels, boxes, ranges)
+    extra = None
+    if settings.wants_extra_slices:
+        every = all_slice_labels(train.uids, train.metas, labels, boxes, ranges)
+        extra = extra_slice_inputs(data_dir, work_dir, spec, settings, train.uids, every, progress)
+    return slice_targets, extra
+
+
 def train_and_predict(settings, data_dir: str | os.PathLike, work_dir: str | os.PathLike | WorkLayout,
                       spec: CacheSpec, labels: pd.DataFrame, boxes: pd.DataFrame | None = None,
                       progress: bool = True) -> StageRun:
@@ -76,9 +99,9 @@ def train_and_predict(settings, data_dir: str | os.PathLike, work_dir: str | os.
     train = build_inputs(data_dir, layout.root, spec, settings, "train", progress)
     built = time.perf_counter()
     wants_slices = boxes is not None and (settings.slices_first or settings.slice_loss > 0)
-    slice_targets = slice_targets_of(train.uids, train.metas, labels, boxes) if wants_slices else None
-    boxed = boxed_slice_inputs(data_dir, layout.root, spec, settings, train.uids, boxes)
-    cv = cross_validate_fracture(train.uids, train, labels, settings, models_dir, progress, slice_targets, boxed)
+    slice_targets, extra = slice_labels_of(data_dir, layout.root, spec, settings, train, labels, boxes, progress) \
+        if wants_slices else (None, None)
+    cv = cross_validate_fracture(train.uids, train, labels, settings, models_dir, progress, slice_targets, extra)
     trained = time.perf_counter()
     n_folds = len(set(cv["folds"].values()))
     models = load_fold_models(settings, settings.in_channels(train[0]), models_dir, n_folds)

@@ -79,7 +79,8 @@ class ViTSettings(StageSettings):
 
     name: ClassVar[str] = "vit3d"
     slices_first: ClassVar[bool] = False
-    wants_boxed_slices: ClassVar[bool] = False
+    wants_extra_slices: ClassVar[bool] = False
+    labels_from_localisation: ClassVar[bool] = False
     slice_loss: ClassVar[float] = 0.0
 
     @classmethod
