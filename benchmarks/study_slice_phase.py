@@ -125,7 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
     where = "gpu" if torch.cuda.is_available() else "cpu"
     name = f"study_slice_phase_{args.profile}_{where}" + (f"_{args.tag}" if args.tag else "")
     result = {
-        "profile": args.profile, "slice_labels": args.slice_labels, "run": cfg.run_name, "model": cfg.model,
+        "profile": args.profile,
+        "slice_labels": "truth" if args.slice_labels == "truth" else settings.slice_labels,
+        "run": cfg.run_name, "model": cfg.model,
         "lr": cfg.lr, "epochs": cfg.epochs, "params": dict(settings.cfg.params),
         "train_slices": len(train) + n_extra,
         "train_fractured_slices": int(train.targets.sum() + (extra.targets.sum() if extra is not None else 0)),
