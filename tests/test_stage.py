@@ -100,3 +100,33 @@ def test_the_input_store_builds_once_rebuilds_what_changed(smoke_dir, smoke_work
     assert not np.array_equal(third[2], before[2]) and np.array_equal(third[3], before[3])
     assert np.array_equal(third[1], before[1])
     assert input_key(StudySettings.for_profile("smoke"), spec) != input_key(settings, spec)
+
+
+def test_the_extra_slice_store_builds_once_rebuilds_what_changed(smoke_dir, smoke_work, monkeypatch):
+    work, spec = smoke_work
+    settings = StudySettings.for_profile("smoke")
+    assert settings.wants_extra_slices
+    entries = {uid: e for _, uid, e in iter_cached(smoke_dir, work, spec, ("train",))}
+    uids = sorted(entries)[:3]
+    labels = [np.zeros(len(entries[u]["images"]), np.float32) for u in uids]
+    labels[0][::2] = 1.0
+    loads = []
+    original = inputs_module.load_cached
+    monkeypatch.setattr(inputs_module, "load_cached", lambda *a, **k: loads.append(a[2]) or original(*a, **k))
+    first = inputs_module.extra_slice_inputs(smoke_dir, work, spec, settings, uids, labels, progress=False)
+    chosen = [settings.extra_slice_choice(z) for z in labels]
+    assert first.owners == [i for i, zs in enumerate(chosen) if len(zs)] and len(loads) == len(first.owners) > 0
+    zs = chosen[0]
+    assert 0 < len(zs) <= settings.extra_slices and labels[0][zs].sum() > 0
+    assert np.array_equal(first.store[0], settings.extra_slice_input(entries[uids[0]], zs))
+    assert first.fractured == int(sum(labels[i][chosen[i]].sum() for i in first.owners))
+    samples = first.samples([0], settings.image_channels(3), settings.rotate_shift)
+    assert len(samples) == len(zs) and samples.targets[:, 0].tolist() == labels[0][zs].tolist()
+    loads.clear()
+    again = inputs_module.extra_slice_inputs(smoke_dir, work, spec, settings, uids, labels, progress=False)
+    assert not loads and np.array_equal(again.store[0], first.store[0])  # reused, no cache entry read
+    labels[1][::3] = 1.0  # new labels for one study, a broken file for another: only those two are built again
+    first.store.paths[-1].write_bytes(b"\x93NUMPY garbage")
+    third = inputs_module.extra_slice_inputs(smoke_dir, work, spec, settings, uids, labels, progress=False)
+    assert sorted(map(str, loads)) == sorted(str(smoke_dir / "train_images" / uids[i]) for i in {1, first.owners[-1]})
+    assert third.targets[1].sum() > 0 and np.array_equal(third.store[0], first.store[0])
