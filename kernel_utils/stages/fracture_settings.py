@@ -133,7 +133,8 @@ class StudySettings(CnnLstmSettings):
         sequence_epochs, sequence_lr: the BiLSTM's training on the frozen features.
         rotate_shift: the small rotation and shift augmentation (seed 002's), besides flips and jitter.
         slice_labels: what the CNN learns from first: "sampled" (the sampled slices whose label
-            `train_bounding_boxes.csv` gives), "all_boxed" (also every other boxed slice of the training studies) or
+            `train_bounding_boxes.csv` gives), "all_boxed" (also up to `extra_slices` other boxed slices a training
+            study) or
             "vertebrae" (besides the boxes, the fractured studies without boxes labelled from train.csv's
             vertebrae and notebook 02's vertebra ranges, `study_slice_labels`, and up to `extra_slices` unsampled
             labelled slices a study).
