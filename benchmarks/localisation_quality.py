@@ -42,10 +42,12 @@ def main(argv: list[str] | None = None) -> dict:
                     "(one step, so the run goes through; no Dice reported)")
     ap.add_argument("--seg-size", type=int, default=0, help="3D UNet cube side; 0: the profile's")
     ap.add_argument("--seg-width", type=int, default=0, help="3D UNet first-level channels; 0: the profile's")
+    ap.add_argument("--seg-batch", type=int, default=0, help="3D UNet batch size; 0: the profile's")
     ap.add_argument("--seg-lr", type=float, default=0.0, help="3D UNet learning rate; 0: the profile's")
     ap.add_argument("--seg-res-units", type=int, default=-1, help="UNet residual units; -1: the profile's")
     ap.add_argument("--seg-region", default="", help="frame | bone; empty: the profile's")
     ap.add_argument("--seg-margin", type=float, default=0.0, help="bone box margin; 0: the profile's")
+    ap.add_argument("--seg-affine", action="store_true", help="random rotation, scale and shift of the cubes")
     ap.add_argument("--unet-only", action="store_true", help="train and score the 3D UNet alone")
     ap.add_argument("--ceiling-only", action="store_true",
                     help="no training: the mean Dice of a perfect prediction at cube sides 64, 96, 128")
@@ -55,9 +57,11 @@ def main(argv: list[str] | None = None) -> dict:
     spec = profile_cache_spec(args.profile)
     settings = LocalisationSettings.for_profile(args.profile, slice_model=args.slice_model)
     changes = {"n_folds": args.folds, "slice_epochs": args.epochs, "seg_size": args.seg_size,
-               "seg_width": args.seg_width, "seg_lr": args.seg_lr, "seg_region": args.seg_region,
-               "seg_margin": args.seg_margin}
+               "seg_width": args.seg_width, "seg_batch": args.seg_batch, "seg_lr": args.seg_lr,
+               "seg_region": args.seg_region, "seg_margin": args.seg_margin}
     settings = dataclasses.replace(settings, **{k: v for k, v in changes.items() if v})
+    if args.seg_affine:
+        settings = dataclasses.replace(settings, seg_affine=True)
     if args.seg_res_units >= 0:
         settings = dataclasses.replace(settings, seg_res_units=args.seg_res_units)
     studies = segmented_studies(iter_cached(data_dir, work_dir, spec, ("train",), only_masked=True), settings,
@@ -83,13 +87,21 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "profile": args.profile, "segmented_studies": len(studies), "image_size": spec.image_size,
         "seg_size": settings.seg_size, "folds": len(set(cv["folds"].values())),
-        "seg_epochs": settings.seg_cfg.epochs, "seg_width": settings.seg_width, "seg_lr": settings.seg_lr,
+        "seg_epochs": settings.seg_cfg.epochs, "seg_width": settings.seg_width, "seg_batch": settings.seg_batch,
+        "seg_lr": settings.seg_lr,
         "seg_region": settings.seg_region, "seg_margin": settings.seg_margin,
-        "seg_res_units": settings.seg_res_units,
+        "seg_res_units": settings.seg_res_units, "seg_affine": settings.seg_affine,
         "dice_ceiling": dice_ceiling(studies, settings.seg_size),
         "seconds": cv["seconds"],
         "total_seconds": time.perf_counter() - start, "checkpoints_reused": reused,
         "targets": {"cnn_overall_accuracy": 0.95, "mean_dice": 0.90}}
+    curves = cv["histories"][cv["histories"].model == "unet3d"]
+    result["unet_curves"] = {  # per fold: has the valid loss stopped falling?
+        int(k): {"epochs": len(h), "best_epoch": int(h.epoch[h.valid_loss.idxmin()]),
+                 "best_valid_loss": round(float(h.valid_loss.min()), 4),
+                 "last_valid_loss": round(float(h.valid_loss.iloc[-1]), 4),
+                 "last_train_loss": round(float(h.train_loss.iloc[-1]), 4)}
+        for k, h in curves.groupby("fold")}
     if args.unet_only:
         result["seconds"] = {"unet3d": cv["seconds"]["unet3d"]}
     else:

@@ -19,6 +19,7 @@ from kernel_utils.stages.localisation_data import (
     dice_per_vertebra,
     mask_to_cube,
     probabilities_to_grid,
+    random_affine,
     to_cube,
 )
 from kernel_utils.stages.localisation_settings import LocalisationSettings
@@ -100,6 +101,22 @@ def test_cube_targets_align_with_cube_images(rendered):
     assert int(cube.max()) <= 7 and cube.shape == (16, 16, 16)
     bone = to_cube(((labels > 0) * 255).astype(np.uint8)[..., None], 16)[0] > 0.5  # the same shape as an image
     assert float(((cube > 0) == bone).float().mean()) >= 0.995  # plain "nearest" is shifted: 0.986
+
+
+def test_random_affine_moves_image_and_mask_together(rendered):
+    labels = np.where(rendered.labels <= 7, rendered.labels, 0)
+    cube, bone = mask_to_cube(labels, 24), to_cube(((labels > 0) * 255).astype(np.uint8)[..., None], 24)
+    same, same_mask = random_affine(bone, cube, shift=0, scale=0, degrees=0)
+    assert torch.allclose(same, bone, atol=1e-5) and torch.equal(same_mask, cube)  # no motion: unchanged
+    np.random.seed(1)
+    moved, moved_mask = random_affine(bone, cube, shift=0.1, scale=0.15, degrees=10)
+    assert not torch.equal(moved_mask, cube)
+    assert float(((moved[0] > 0.5) == (moved_mask > 0)).float().mean()) >= 0.99  # the labels follow the bone
+    assert set(moved_mask.unique().tolist()) <= set(cube.unique().tolist())  # nearest: no blended labels
+    ds = VolumeDataset([{"images": ((labels > 0) * 255).astype(np.uint8)[..., None], "mask": labels}], 16,
+                       augment=True, affine=True)
+    item = ds[0]
+    assert item["image"].shape[1:] == (16, 16, 16) and item["target"].shape == (1, 16, 16, 16)
 
 
 def test_probabilities_to_grid_is_the_trilinear_argmax_in_chunks():

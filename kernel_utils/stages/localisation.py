@@ -93,7 +93,8 @@ def cross_validate(studies: list[dict], settings: LocalisationSettings, out_dir:
             seconds["cnn_bigru"] += time.perf_counter() - start
         start = time.perf_counter()
         unet = create_model(settings.seg_cfg, train[0]["images"].shape[-1])
-        hist = fit(unet, VolumeDataset(train, settings.seg_size, augment=True), VolumeDataset(valid, settings.seg_size),
+        hist = fit(unet, VolumeDataset(train, settings.seg_size, augment=True, affine=settings.seg_affine),
+                   VolumeDataset(valid, settings.seg_size),
                    dice_ce_loss, settings.seg_cfg, out_dir, k, progress=progress)
         histories.append(hist.assign(model="unet3d", fold=k))
         unet = load_best(unet, out_dir, settings.seg_cfg, k)

@@ -135,23 +135,47 @@ def best_possible_dice(mask: np.ndarray, size: int, roi: Box | None = None) -> f
     return float(np.nanmean(list(dice_per_vertebra(back, labels).values())))
 
 
+def random_affine(x: torch.Tensor, m: torch.Tensor | None, shift: float = 0.1, scale: float = 0.15,
+                  degrees: float = 10.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The same random in-plane rotation, scale and shift (and a scale along z) of a cube and its mask.
+
+    x float [C, D, H, W], m long [D, H, W] or None. `shift` is a fraction of the side, `scale` the largest relative
+    zoom either way; the image resamples trilinearly, the mask by nearest label, both padded with background.
+    """
+    a = np.deg2rad(np.random.uniform(-degrees, degrees))  # numpy's global stream, seeded per DataLoader worker
+    zoom = np.random.uniform(1 - scale, 1 + scale, size=2)  # in-plane, along z
+    tx, ty = np.random.uniform(-2 * shift, 2 * shift, size=2)  # the grid spans -1..1
+    theta = torch.tensor([[np.cos(a) / zoom[0], -np.sin(a) / zoom[0], 0.0, tx],
+                          [np.sin(a) / zoom[0], np.cos(a) / zoom[0], 0.0, ty],
+                          [0.0, 0.0, 1 / zoom[1], 0.0]], dtype=torch.float32)[None]  # (x, y, z) = (W, H, D)
+    grid = F.affine_grid(theta, [1, *x.shape], align_corners=False)
+    x = F.grid_sample(x[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    if m is not None:
+        m = F.grid_sample(m[None, None].float(), grid, mode="nearest", padding_mode="zeros",
+                          align_corners=False)[0, 0].long()
+    return x, m
+
+
 class VolumeDataset(Dataset):
     """Studies (their in-plane "roi" where a study has one) resampled to cubes: image float [C, D, D, D], target
-    long [1, D, D, D] when a mask is known."""
+    long [1, D, D, D] when a mask is known. `augment`: a left-right flip (it keeps every label's meaning) and, with
+    `affine`, `random_affine`."""
 
-    def __init__(self, studies: list[dict], size: int, augment: bool = False):
+    def __init__(self, studies: list[dict], size: int, augment: bool = False, affine: bool = False):
         self.cubes = [to_cube(s["images"], size, s.get("roi")) for s in studies]
         self.masks = [mask_to_cube(s["mask"], size, s.get("roi")) if "mask" in s else None for s in studies]
-        self.augment = augment
+        self.augment, self.affine = augment, affine
 
     def __len__(self) -> int:
         return len(self.cubes)
 
     def __getitem__(self, i: int) -> dict:
         x, m = self.cubes[i], self.masks[i]
-        if self.augment and np.random.rand() < 0.5:  # left-right flip keeps every label's meaning
+        if self.augment and np.random.rand() < 0.5:
             x = x.flip(-1)
             m = m.flip(-1) if m is not None else None
+        if self.augment and self.affine:
+            x, m = random_affine(x, m)
         item = {"image": x}
         if m is not None:
             item["target"] = m[None]

@@ -21,6 +21,8 @@ class LocalisationSettings(Profiled):
             on the CPU).
         seg_region: what the cube is cut from in-plane: "frame" (the whole slice) or "bone" (the study's Otsu bone
             box grown by seg_margin of its side on each side, `bone_roi`; the spine then fills more of the cube).
+        seg_affine: train the 3D UNet on randomly rotated, scaled and shifted cubes (`random_affine`) besides the
+            left-right flip.
         rf_trees, rf_pixels: seed 000's random forest on rf_pixels^2 thumbnails.
     """
 
@@ -47,6 +49,7 @@ class LocalisationSettings(Profiled):
     seg_res_units: int = 2
     seg_region: str = "frame"
     seg_margin: float = 0.25
+    seg_affine: bool = False
     rf_trees: int = 100
     rf_pixels: int = 16
 
@@ -69,7 +72,8 @@ class LocalisationSettings(Profiled):
                            max_steps_per_epoch=self.max_steps_per_epoch,
                            params=(("size", self.seg_size), ("width", self.seg_width))
                            + ((("res_units", self.seg_res_units),) if self.seg_res_units != 2 else ())
-                           + ((("region", "bone"), ("margin", self.seg_margin)) if self.seg_region == "bone" else ()))
+                           + ((("region", "bone"), ("margin", self.seg_margin)) if self.seg_region == "bone" else ())
+                           + ((("affine", 1),) if self.seg_affine else ()))
 
     @property
     def sequence_cfg(self) -> TrainConfig:
