@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--folds", type=int, default=0, help="0: the profile's")
     ap.add_argument("--epochs", type=int, default=0, help="slice CNN epochs; 0: the profile's")
     ap.add_argument("--seg-epochs", type=int, default=-1, help="3D UNet epochs; -1: the profile's; 0: not trained "
-                    "(one step, so the run goes through; no Dice reported)")
+                    "(one epoch, so the run goes through; no Dice reported)")
     ap.add_argument("--seg-size", type=int, default=0, help="3D UNet cube side; 0: the profile's")
     ap.add_argument("--seg-width", type=int, default=0, help="3D UNet first-level channels; 0: the profile's")
     ap.add_argument("--seg-batch", type=int, default=0, help="3D UNet batch size; 0: the profile's")
@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seg-res-units", type=int, default=-1, help="UNet residual units; -1: the profile's")
     ap.add_argument("--seg-region", default="", help="frame | bone; empty: the profile's")
     ap.add_argument("--seg-margin", type=float, default=0.0, help="bone box margin; 0: the profile's")
-    ap.add_argument("--seg-affine", action="store_true", help="random rotation, scale and shift of the cubes")
+    ap.add_argument("--seg-affine", type=int, default=-1, help="1: random rotation, scale and shift of the cubes "
+                    "besides the flip; 0: the flip only; -1: the profile's")
     ap.add_argument("--unet-only", action="store_true", help="train and score the 3D UNet alone")
     ap.add_argument("--ceiling-only", action="store_true",
                     help="no training: the mean Dice of a perfect prediction at cube sides 64, 96, 128")
@@ -60,8 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
                "seg_width": args.seg_width, "seg_batch": args.seg_batch, "seg_lr": args.seg_lr,
                "seg_region": args.seg_region, "seg_margin": args.seg_margin}
     settings = dataclasses.replace(settings, **{k: v for k, v in changes.items() if v})
-    if args.seg_affine:
-        settings = dataclasses.replace(settings, seg_affine=True)
+    if args.seg_affine >= 0:
+        settings = dataclasses.replace(settings, seg_affine=bool(args.seg_affine))
     if args.seg_res_units >= 0:
         settings = dataclasses.replace(settings, seg_res_units=args.seg_res_units)
     studies = segmented_studies(iter_cached(data_dir, work_dir, spec, ("train",), only_masked=True), settings,
@@ -72,9 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
             "what": "mean Dice over C1..C7 of the true mask at the cube side, brought back to the cache grid",
             "seg_region": settings.seg_region,
             "dice_ceiling": {size: dice_ceiling(studies, size) for size in sorted({64, 96, 128, settings.seg_size})}})
-    if args.seg_epochs >= 0:  # 0: one step of one epoch (the Dice of an untrained UNet is not asked)
-        steps = 1 if args.seg_epochs == 0 else settings.max_steps_per_epoch
-        settings = dataclasses.replace(settings, seg_epochs=max(args.seg_epochs, 1), max_steps_per_epoch=steps)
+    if args.seg_epochs >= 0:  # 0: one epoch (the Dice of an untrained UNet is not asked); max_steps_per_epoch caps
+        settings = dataclasses.replace(settings, seg_epochs=max(args.seg_epochs, 1))  # the slice models too
     where = "gpu" if torch.cuda.is_available() else "cpu"
     models_dir = work_dir / f"localisation_models_{where}"
     # a rerun resumes finished trainings from their checkpoints: its seconds are then not training times

@@ -29,8 +29,8 @@ class LocalisationSettings(Profiled):
     PROFILES: ClassVar[dict[str, dict]] = {
         "smoke": dict(n_folds=2, slice_epochs=1, max_steps_per_epoch=4, seg_size=32, seg_width=8, seg_epochs=2,
                       seg_region="bone"),
-        "demo": dict(n_folds=2, slice_epochs=2, seg_size=48, seg_width=8, seg_epochs=40, seg_region="bone"),
-        "bench": dict(slice_epochs=4, seg_size=96, seg_width=16, seg_epochs=60),
+        "demo": dict(n_folds=2, slice_epochs=2, seg_size=48, seg_width=8, seg_epochs=80, seg_region="bone"),
+        "bench": dict(slice_epochs=4, seg_size=96, seg_width=16, seg_epochs=60, seg_affine=False),
         "full": dict(),
     }
 
@@ -49,7 +49,7 @@ class LocalisationSettings(Profiled):
     seg_res_units: int = 2
     seg_region: str = "frame"
     seg_margin: float = 0.25
-    seg_affine: bool = False
+    seg_affine: bool = True
     rf_trees: int = 100
     rf_pixels: int = 16
 
