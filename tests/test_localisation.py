@@ -91,6 +91,21 @@ def test_models_train_a_step_and_predict_shapes(rendered, tmp_path):
     assert unet(vol["image"][None]).shape == (1, 8, 32, 32, 32)
 
 
+def test_the_unet_is_channels_last_with_monais_weights_and_outputs():
+    from monai.networks.nets import UNet
+
+    settings = LocalisationSettings.for_profile("smoke")
+    unet = create_model(settings.seg_cfg, 3).eval()
+    plain = UNet(spatial_dims=3, in_channels=3, out_channels=8, channels=(8, 16, 32, 64), strides=(2, 2, 2),
+                 num_res_units=2).eval()
+    unet.load_state_dict(plain.state_dict())  # the same names and shapes as MONAI's own UNet
+    conv = next(m for m in unet.modules() if isinstance(m, torch.nn.Conv3d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)  # kept through load_state_dict
+    x = torch.rand(1, 3, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(unet(x), plain(x), atol=1e-5)
+
+
 def _mean_dice(pred: np.ndarray, true: np.ndarray) -> float:
     return float(np.nanmean(list(dice_per_vertebra(pred, true).values())))
 

@@ -15,6 +15,7 @@ from kernel_utils.training import TrainConfig
 class LocalisationSettings(Profiled):
     """Attributes:
         slice_model, pretrained_path, slice_epochs, slice_batch, slice_lr: the per-slice classifier (timm).
+        sequence_epochs: the BiGRU over the slice classifier's features (seed 002's second stage).
         max_steps_per_epoch: cap on training steps per epoch for every model (0: none).
         seg_size, seg_width, seg_epochs, seg_batch, seg_lr: the 3D UNet on seg_size^3 cubes.
         seg_res_units: residual units per level of MONAI's UNet (0: one plain convolution, about 3x faster a step
@@ -29,7 +30,8 @@ class LocalisationSettings(Profiled):
     PROFILES: ClassVar[dict[str, dict]] = {
         "smoke": dict(n_folds=2, slice_epochs=1, max_steps_per_epoch=4, seg_size=32, seg_width=8, seg_epochs=2,
                       seg_region="bone"),
-        "demo": dict(n_folds=2, slice_epochs=2, seg_size=48, seg_width=8, seg_epochs=80, seg_region="bone"),
+        "demo": dict(n_folds=2, slice_epochs=1, sequence_epochs=12, seg_size=48, seg_width=8, seg_epochs=80,
+                     seg_region="bone"),
         "bench": dict(slice_epochs=4, seg_size=96, seg_width=16, seg_epochs=60, seg_affine=False),
         "full": dict(),
     }
@@ -40,6 +42,7 @@ class LocalisationSettings(Profiled):
     slice_epochs: int = 8
     slice_batch: int = 32
     slice_lr: float = 1e-3
+    sequence_epochs: int = 25
     max_steps_per_epoch: int = 0
     seg_size: int = 128
     seg_width: int = 32
@@ -78,6 +81,7 @@ class LocalisationSettings(Profiled):
     @property
     def sequence_cfg(self) -> TrainConfig:
         """The BiGRU over the slice classifier's features; its run name follows the classifier's."""
-        return TrainConfig(stage="slice_sequence", model="bigru", epochs=25, batch_size=1, lr=2e-3, patience=6,
+        return TrainConfig(stage="slice_sequence", model="bigru", epochs=self.sequence_epochs, batch_size=1, lr=2e-3,
+                           patience=6,
                            max_steps_per_epoch=self.max_steps_per_epoch,
                            params=(("features", self.slice_cfg.run_name), ("hidden", 64)))
