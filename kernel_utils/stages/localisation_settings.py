@@ -30,7 +30,7 @@ class LocalisationSettings(Profiled):
     PROFILES: ClassVar[dict[str, dict]] = {
         "smoke": dict(n_folds=2, slice_epochs=1, max_steps_per_epoch=4, seg_size=32, seg_width=8, seg_epochs=2,
                       seg_region="bone"),
-        "demo": dict(n_folds=2, slice_epochs=1, sequence_epochs=12, seg_size=48, seg_width=8, seg_epochs=80,
+        "demo": dict(n_folds=2, slice_epochs=1, sequence_epochs=8, seg_size=48, seg_width=8, seg_epochs=72,
                      seg_region="bone"),
         "bench": dict(slice_epochs=4, seg_size=96, seg_width=16, seg_epochs=60, seg_affine=False),
         "full": dict(),
