@@ -147,13 +147,14 @@ class StudySettings(CnnLstmSettings):
     PROFILES: ClassVar[dict[str, dict]] = {
         "smoke": dict(n_folds=2, epochs=1, max_steps_per_epoch=2, batch_size=4, n_slices=8, size=32,
                       model="resnet18", sequence_epochs=2),
-        "demo": dict(n_folds=2, epochs=3, n_slices=16, size=64, model="resnet10t", slice_labels="all_boxed"),
+        "demo": dict(n_folds=2, epochs=3, n_slices=16, size=64, model="resnet10t", slice_labels="all_boxed",
+                     lr=2e-4),
         "bench": dict(epochs=25, n_slices=32, size=96),
         "full": dict(),
     }
 
     model: str = "resnet50"
-    lr: float = 2e-4
+    lr: float = 5e-4
     n_slices: int = 64
     size: int = 256
     train: str = "slices_then_sequence"
