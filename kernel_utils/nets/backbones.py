@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -63,8 +64,15 @@ def load_pretrained(module: nn.Module, path: str | os.PathLike) -> None:
         raise ValueError(f"{path}: no tensor matches the model's names and shapes")
 
 
-def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
-    return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+def _input_as(memory_format: torch.memory_format, module: nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(memory_format=memory_format), *args[1:])
+
+
+def channels_last(model: nn.Module, memory_format: torch.memory_format = torch.channels_last) -> nn.Module:
+    """`model` with its weights and every input in `memory_format` (channels_last in 2D, channels_last_3d in 3D):
+    the same shapes and state dict, the faster layout for convolutions on these CPUs and on GPUs."""
+    model.register_forward_pre_hook(functools.partial(_input_as, memory_format))
+    return model.to(memory_format=memory_format)
 
 
 def timm_backbone(name: str, in_channels: int) -> nn.Module:
@@ -76,5 +84,4 @@ def timm_backbone(name: str, in_channels: int) -> nn.Module:
     """
     model = timm.create_model(name, pretrained=False, in_chans=in_channels, num_classes=0)
     model.pooled_features = getattr(model, "head_hidden_size", None) or model.num_features
-    model.register_forward_pre_hook(_to_channels_last)
-    return model.to(memory_format=torch.channels_last)
+    return channels_last(model)

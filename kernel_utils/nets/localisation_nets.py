@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernel_utils.nets.backbones import timm_backbone
+from kernel_utils.nets.backbones import channels_last, timm_backbone
 from kernel_utils.nets.registry import register
 from kernel_utils.training import TrainConfig
 
@@ -52,19 +52,14 @@ def _slice_sequence(cfg: TrainConfig, in_channels: int) -> nn.Module:
     return SliceSequenceHead(in_channels, int(cfg.param("hidden", 64)))
 
 
-def _to_channels_last_3d(module: nn.Module, args: tuple) -> tuple:
-    return (args[0].contiguous(memory_format=torch.channels_last_3d), *args[1:])
-
-
 @register("seg3d")
 def _seg3d(cfg: TrainConfig, in_channels: int) -> nn.Module:
     """MONAI's 3D UNet: [B, C, D, D, D] -> logits [B, 8, D, D, D]. Weights and inputs are channels_last_3d (same
-    shapes and state dict): a training step 1.5x faster on 2 CPU cores at 48^3."""
+    shapes and state dict), the faster layout for its convolutions (`benchmarks/unet_speed.py`)."""
     from monai.networks.nets import UNet
 
     width = int(cfg.param("width", 16))
     model = UNet(spatial_dims=3, in_channels=in_channels, out_channels=8,
                  channels=(width, 2 * width, 4 * width, 8 * width), strides=(2, 2, 2),
                  num_res_units=int(cfg.param("res_units", 2)))
-    model.register_forward_pre_hook(_to_channels_last_3d)
-    return model.to(memory_format=torch.channels_last_3d)
+    return channels_last(model, torch.channels_last_3d)

@@ -96,7 +96,7 @@ def segment(models, images: np.ndarray, size: int, flip: bool = True,
     models = models if isinstance(models, list | tuple) else [models]
     dev = device()
     x = to_cube(images, size, roi)[None].to(dev)
-    views = torch.cat([x, x.flip(-1)]) if flip else x  # one batch: on the CPU a batch of 2 costs less than 1 twice
+    views = torch.cat([x, x.flip(-1)]) if flip else x  # one batch of both views: cheaper than two forwards
     prob = 0
     for m in models:
         m = m.to(dev).eval()
