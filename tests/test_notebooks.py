@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import papermill as pm
 import pytest
 
 from kernel_utils.dev.fault_injection import checkpoint_fault_paths, inject_checkpoint_faults
+from kernel_utils.dev.pipeline import kernel_options
 from kernel_utils.dev.run_summary import format_summary, run_summary
 from kernel_utils.metric import competition_loss, long_to_wide
 
@@ -39,11 +41,19 @@ def executed(faulted_smoke, work_dir) -> dict[str, Exception | None]:
             pm.execute_notebook(str(notebook), str(work_dir / "executed" / notebook.name), parameters={
                 "DATA_DIR": str(data_dir), "WORK_DIR": str(work_dir), "PROFILE": "smoke",
                 "EXTRA_VERTEBRA_MODELS": EXTRA_BACKBONE},  # 03's only; the others ignore it
-                cwd=str(notebook.parent), progress_bar=False, kernel_name="python3")
+                cwd=str(notebook.parent), progress_bar=False, kernel_name="python3", **kernel_options())
             results[notebook.name] = None
         except Exception as e:  # reported by that notebook's own test
             results[notebook.name] = e
     return results
+
+
+def test_notebook_kernels_talk_over_socket_files_on_linux():
+    options = kernel_options()  # what make run and these tests execute the notebooks with
+    if not sys.platform.startswith("linux"):
+        assert options == {}
+        return
+    assert options["kernel_manager_class"](kernel_name="python3").transport == "ipc"
 
 
 def test_notebooks_are_committed_clean_with_parameters():
@@ -143,7 +153,7 @@ def test_kaggle_bundle_runs_alone(executed, work_dir, faulted_smoke, tmp_path):
     pm.execute_notebook(str(out / "kernel" / "submission.ipynb"), str(tmp_path / "executed.ipynb"),
                         parameters={"BUNDLE_DIR": str(dataset), "DATA_DIR": str(smoke_dir),
                                     "WORK_DIR": str(kernel_work), "ALL_MODELS": True},  # the whole chain runs
-                        progress_bar=False, kernel_name="python3")
+                        progress_bar=False, kernel_name="python3", **kernel_options())
     validate_submission(kernel_work / "submission.csv", smoke_dir / "test.csv")
     timing = json.loads((kernel_work / "predictions" / "inference_timing.json").read_text())
     assert {"load_and_window", "localise", "vit3d", f"cnn_lstm_vertebra_{EXTRA_BACKBONE}"} <= \

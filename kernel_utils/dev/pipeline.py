@@ -55,6 +55,20 @@ def ensure_synthetic(work_dir: Path, profile_name: str, seed: int = 0) -> Path:
     return out
 
 
+def kernel_options() -> dict:
+    """papermill's kernel manager options: on Linux the kernel talks over socket files in Jupyter's runtime folder,
+    not TCP on localhost (ipykernel warns of unencrypted TCP at every start); elsewhere papermill's defaults."""
+    if not sys.platform.startswith("linux"):
+        return {}
+    from jupyter_client import AsyncKernelManager
+    from traitlets import CaselessStrEnum
+
+    class LocalSocketKernelManager(AsyncKernelManager):
+        transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+    return {"kernel_manager_class": LocalSocketKernelManager}
+
+
 def set_aside_previous_submission(work_dir: Path) -> Path | None:
     """Rename a previous run's submission.csv to previous_submission.csv, so a run that fails leaves no
     submission.csv behind that could be taken for its own."""
@@ -82,7 +96,8 @@ def run(data_dir: Path | None, work_dir: Path, profile: str, only: list[str] | N
         start = time.perf_counter()
         print(f"== {nb.name} ({profile}) ==", flush=True)
         pm.execute_notebook(str(nb), str(executed / nb.name), cwd=str(nb.parent), kernel_name="python3",
-                            parameters={"DATA_DIR": str(data_dir), "WORK_DIR": str(work_dir), "PROFILE": profile})
+                            parameters={"DATA_DIR": str(data_dir), "WORK_DIR": str(work_dir), "PROFILE": profile},
+                            **kernel_options())
         seconds[nb.stem] = time.perf_counter() - start
         print(f"   {nb.name}: {seconds[nb.stem]:.0f} s", flush=True)
     layout = WorkLayout(work_dir)
