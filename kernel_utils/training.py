@@ -173,9 +173,12 @@ def save_config(out_dir: Path, cfg: TrainConfig) -> Path:
 
 def fit(model: torch.nn.Module, train_ds: Dataset, valid_ds: Dataset | None, loss_fn: Callable, cfg: TrainConfig,
         out_dir: str | os.PathLike, fold: int = 0, collate_fn: Callable | None = None,
-        progress: bool = True, forward: Callable | None = None) -> pd.DataFrame:
+        progress: bool = True, forward: Callable | None = None, data_key: str = "") -> pd.DataFrame:
     """Train with early stopping; resume from `_last.pt` when present. Returns the history (one row an epoch).
-    `forward` (a bound method of the model) gives the outputs `loss_fn` takes instead of the model's own forward."""
+    `forward` (a bound method of the model) gives the outputs `loss_fn` takes instead of the model's own forward.
+    `data_key` names the training data (e.g. `data_fingerprint` of the inputs and labels): a checkpoint saved with
+    another key was trained on other data (notebook 02 localised again, labels changed) and is not resumed; the fold
+    trains from scratch."""
     out_dir = Path(out_dir)
     save_config(out_dir, cfg)
     best_path, last_path = checkpoint_paths(out_dir, cfg, fold)
@@ -196,6 +199,10 @@ def fit(model: torch.nn.Module, train_ds: Dataset, valid_ds: Dataset | None, los
     history: list[dict] = []
     start_epoch, best, stale = 0, float("inf"), 0
     state = _readable_checkpoints(best_path, last_path)
+    if state is not None and data_key and state.get("data_key", "") != data_key:
+        log.warning("%s fold %d: its checkpoint %s was trained on other data (the inputs or labels changed since); "
+                    "training this fold from scratch", cfg.run_name, fold, last_path.name)
+        state = None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -237,12 +244,12 @@ def fit(model: torch.nn.Module, train_ds: Dataset, valid_ds: Dataset | None, los
         if improved:
             best, stale = score, 0
             atomic_save({"model": acc.unwrap_model(model).state_dict(), "config": cfg.to_json(), "epoch": epoch,
-                         "score": score}, best_path)
+                         "score": score, "data_key": data_key}, best_path)
         else:
             stale += 1
         atomic_save({"model": acc.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
                      "schedule": schedule.state_dict(), "history": history, "epoch": epoch, "best": best,
-                     "stale": stale, "config": cfg.to_json()}, last_path)
+                     "stale": stale, "config": cfg.to_json(), "data_key": data_key}, last_path)
     return pd.DataFrame(history)
 
 

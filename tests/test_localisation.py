@@ -23,7 +23,8 @@ from kernel_utils.stages.localisation_data import (
     to_cube,
 )
 from kernel_utils.stages.localisation_settings import LocalisationSettings
-from kernel_utils.stages.vertebra_localiser import drop_islands, localise_study, segment
+from kernel_utils.stages.study_localisation import StudyLocalisation
+from kernel_utils.stages.vertebra_localiser import drop_islands, localise_study, segment, write_localisation
 from kernel_utils.stages.vertebra_targets import enforce_order, ranges_from_presence, slice_targets
 
 
@@ -290,3 +291,23 @@ def test_ranges_from_another_model_keep_the_mask_boxes(rendered):
                                                None, "test")[0] if r["vertebra"] == "C3")
     assert c3["first"] == from_mask["first"] + 1 and c3["last"] == from_mask["last"]
     assert 0 <= c3["y0"] < c3["y1"] <= 48 and (c3["x0"], c3["x1"]) != (0, 48)
+
+
+def test_a_mask_written_again_unchanged_keeps_its_file_and_fingerprint(tmp_path):
+    mask = np.zeros((6, 8, 8), np.uint8)
+    mask[2:4, 2:6, 2:6] = 3
+    write_localisation(tmp_path, "s", mask)
+    path = tmp_path / "s.npz"
+    loc = StudyLocalisation(rows=None, mask_path=path)
+    before, stamp = loc.fingerprint(), path.stat().st_mtime_ns
+    write_localisation(tmp_path, "s", mask.copy())  # notebook 02 run again, same mask
+    assert path.stat().st_mtime_ns == stamp and loc.fingerprint() == before
+    mask[5, 0, 0] = 7
+    write_localisation(tmp_path, "s", mask)
+    assert loc.fingerprint() != before
+    with np.load(path) as f:
+        assert np.array_equal(f["mask"], mask)
+    path.write_bytes(b"PK garbage")  # an unreadable mask file is written again
+    write_localisation(tmp_path, "s", mask)
+    with np.load(path) as f:
+        assert np.array_equal(f["mask"], mask)

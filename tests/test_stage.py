@@ -11,7 +11,7 @@ from kernel_utils.io.cache_build import build_cache
 from kernel_utils.layout import WorkLayout, atomic_file
 from kernel_utils.stages import inputs as inputs_module
 from kernel_utils.stages.fracture_settings import StudySettings, VertebraSettings, fracture_settings
-from kernel_utils.stages.inputs import Views, build_inputs, input_key
+from kernel_utils.stages.inputs import Views, build_inputs, data_fingerprint, input_key
 from kernel_utils.stages.localisation_settings import LocalisationSettings
 from kernel_utils.stages.stage import FORMS, settings_from_meta
 from kernel_utils.stages.study_localisation import StudyLocalisation
@@ -88,6 +88,12 @@ def test_the_input_store_builds_once_rebuilds_what_changed(smoke_dir, smoke_work
     loads.clear()
     again = build_inputs(smoke_dir, work, spec, settings, "train", progress=False)
     assert not loads and again.uids == first.uids  # every input reused, no cache entry read
+    targets = np.zeros((len(first), 8), np.float32)
+    key = data_fingerprint(first, targets)
+    assert data_fingerprint(again, targets) == key  # nothing rebuilt: fold checkpoints are resumed
+    targets[0, 7] = 1
+    assert data_fingerprint(again, targets) != key  # a label changed
+    targets[0, 7] = 0
     first.paths[1].write_bytes(b"\x93NUMPY garbage")  # a half-written input is built again
     layout = WorkLayout(work)  # notebook 02 localises one study: that study's input is built again
     uid = first.uids[2]
@@ -99,6 +105,7 @@ def test_the_input_store_builds_once_rebuilds_what_changed(smoke_dir, smoke_work
     assert sorted(loads) == sorted([smoke_dir / "train_images" / first.uids[1], smoke_dir / "train_images" / uid])
     assert not np.array_equal(third[2], before[2]) and np.array_equal(third[3], before[3])
     assert np.array_equal(third[1], before[1])
+    assert data_fingerprint(third, targets) != key  # inputs rebuilt: the folds train again
     assert input_key(StudySettings.for_profile("smoke"), spec) != input_key(settings, spec)
 
 

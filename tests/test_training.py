@@ -38,6 +38,27 @@ def test_run_name_follows_what_is_learned_not_how_fast():
     assert dataclasses.replace(CFG, params=(("size", 64),)).run_name != CFG.run_name
 
 
+def test_a_finished_fold_of_other_data_trains_again_and_one_of_the_same_data_is_kept(tmp_path, caplog):
+    steps = {"n": 0}
+
+    def counted(out, batch):
+        steps["n"] += torch.is_grad_enabled()
+        return mse(out, batch)
+
+    fit(torch.nn.Linear(4, 1), Toy(), Toy(), counted, CFG, tmp_path, progress=False, data_key="masks-a")
+    assert steps["n"] == 4 * 8 and load_checkpoint(checkpoint_paths(tmp_path, CFG, 0)[1])["data_key"] == "masks-a"
+    steps["n"] = 0
+    fit(torch.nn.Linear(4, 1), Toy(), Toy(), counted, CFG, tmp_path, progress=False, data_key="masks-a")
+    assert steps["n"] == 0  # the same data: the finished fold is kept
+    with caplog.at_level("WARNING"):
+        history = fit(torch.nn.Linear(4, 1), Toy(), Toy(), counted, CFG, tmp_path, progress=False,
+                      data_key="masks-b")
+    assert steps["n"] == 4 * 8 and history.epoch.tolist() == [0, 1, 2, 3]  # notebook 02 changed: trained again
+    assert "trained on other data" in caplog.text
+    best, last = checkpoint_paths(tmp_path, CFG, 0)
+    assert load_checkpoint(last)["data_key"] == load_checkpoint(best)["data_key"] == "masks-b"
+
+
 def test_loader_workers(monkeypatch):
     assert loader_workers(dataclasses.replace(CFG, num_workers=3)) == 3
     monkeypatch.setattr(training.torch.cuda, "is_available", lambda: False)

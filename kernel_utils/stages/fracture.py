@@ -30,7 +30,7 @@ from kernel_utils.nets.fracture_nets import (
     vertebra_slice_loss,
 )
 from kernel_utils.stages.fracture_data import FractureDataset, targets_of
-from kernel_utils.stages.inputs import ExtraSlices, Views
+from kernel_utils.stages.inputs import ExtraSlices, Views, data_fingerprint
 from kernel_utils.stages.localisation_data import FeatureSequences
 from kernel_utils.training import (
     TrainConfig,
@@ -149,9 +149,10 @@ def labelled_slices(inputs: Sequence[np.ndarray], slice_targets: np.ndarray, aug
 
 
 def _train_fold(settings, model, inputs, targets, slice_targets, tr, va, fold, out_dir, image_channels,
-                progress, extra_slices=None) -> list[tuple[str, pd.DataFrame]]:
+                progress, extra_slices=None, data_key: str = "") -> list[tuple[str, pd.DataFrame]]:
     """Fit one fold and leave its best weights in `model`; returns (what was trained, history) of each phase.
-    Training on single vertebrae adds the patient head stage; `slices_first` trains the CNN on slices first."""
+    Training on single vertebrae adds the patient head stage; `slices_first` trains the CNN on slices first.
+    data_key: `data_fingerprint` of what the folds train on (a checkpoint of other data is not resumed)."""
     tr_inputs, va_inputs = studies_of(inputs, tr), studies_of(inputs, va)
     phases = []
     if settings.trains_on_vertebrae:
@@ -166,7 +167,8 @@ def _train_fold(settings, model, inputs, targets, slice_targets, tr, va, fold, o
                                     block=settings.vertebra_block)
         loss_fn, forward = ((functools.partial(vertebra_slice_loss, slice_weight=weight),
                              model.vertebra_and_slice_logits) if with_slices else (vertebra_batch_loss, None))
-        hist = fit(model, train_ds, valid_ds, loss_fn, settings.cfg, out_dir, fold, progress=progress, forward=forward)
+        hist = fit(model, train_ds, valid_ds, loss_fn, settings.cfg, out_dir, fold, progress=progress, forward=forward,
+                   data_key=data_key)
         load_best(model, out_dir, settings.cfg, fold)
         losses = fit_patient_head(model, tr_inputs, targets[tr], seed=settings.cfg.seed + fold)
         best_path, _ = checkpoint_paths(Path(out_dir), settings.cfg, fold)
@@ -186,7 +188,7 @@ def _train_fold(settings, model, inputs, targets, slice_targets, tr, va, fold, o
             train_slices = labelled_slices(tr_inputs, slice_targets[tr], True, image_channels, settings.rotate_shift)
             hist = fit(first, train_slices if extra is None else ConcatDataset([train_slices, extra]),
                        labelled_slices(va_inputs, slice_targets[va], False, image_channels), vertebra_batch_loss,
-                       slice_cfg, out_dir, fold, progress=progress)
+                       slice_cfg, out_dir, fold, progress=progress, data_key=data_key)
             load_best(first, out_dir, slice_cfg, fold)
             model.encoder.freeze_backbone()
             phases.append((f"{settings.name} (CNN on slices)", hist))
@@ -194,7 +196,7 @@ def _train_fold(settings, model, inputs, targets, slice_targets, tr, va, fold, o
             seq_cfg = sequence_phase_config(settings)
             hist = fit(SequenceOnFeatures(model), FeatureSequences(list(feats[tr]), list(targets[tr])),
                        FeatureSequences(list(feats[va]), list(targets[va])), batch_loss, seq_cfg, out_dir, fold,
-                       progress=progress)
+                       progress=progress, data_key=data_key)
             load_best(SequenceOnFeatures(model), out_dir, seq_cfg, fold)
             best_path, _ = checkpoint_paths(Path(out_dir), settings.cfg, fold)
             atomic_save({"model": model.state_dict(), "config": settings.cfg.to_json(),
@@ -203,7 +205,7 @@ def _train_fold(settings, model, inputs, targets, slice_targets, tr, va, fold, o
     train_ds = FractureDataset(tr_inputs, targets[tr], augment=True, image_channels=image_channels,
                                rotate_shift=settings.rotate_shift)
     hist = fit(model, train_ds, FractureDataset(va_inputs, targets[va]), batch_loss, settings.cfg, out_dir,
-               fold, progress=progress)
+               fold, progress=progress, data_key=data_key)
     load_best(model, out_dir, settings.cfg, fold)
     return [*phases, (settings.name, hist)]
 
@@ -233,11 +235,12 @@ def cross_validate_fracture(uids: list[str], inputs: Sequence[np.ndarray], label
     histories = []
     channels = settings.in_channels(inputs[0])
     image_channels = settings.image_channels(channels)
+    data_key = data_fingerprint(inputs, targets, slice_targets, extra_slices)
     for k in sorted(set(fold_of)):
         tr, va = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
         model = create_model(settings.cfg, channels)
         for name, hist in _train_fold(settings, model, inputs, targets, slice_targets, tr, va, int(k), out_dir,
-                                      image_channels, progress, extra_slices):
+                                      image_channels, progress, extra_slices, data_key):
             histories.append(hist.assign(model=name, fold=int(k)))
         valid_ds = FractureDataset(studies_of(inputs, va), targets[va])
         raw[va] = _sigmoid(predict(model, valid_ds, batch_size=settings.cfg.batch_size))

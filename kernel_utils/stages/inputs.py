@@ -75,6 +75,36 @@ class Views(Sequence):
         return np.array(x) if isinstance(x, np.memmap) or not x.flags.c_contiguous else x
 
 
+def _update_with_inputs(h, inputs: Sequence[np.ndarray]) -> None:
+    """Stored inputs by their meta file (its localisation fingerprint) and the array file's size and time, which
+    change whenever the input is built again; inputs in memory by their bytes."""
+    if isinstance(inputs, StudyInputs):
+        for uid, path in zip(inputs.uids, inputs.paths, strict=True):
+            st, meta = path.stat(), path.with_suffix(".json")
+            h.update(f"{uid}:{st.st_size}:{st.st_mtime_ns}:".encode() + (meta.read_bytes() if meta.exists() else b""))
+    else:
+        for x in inputs:
+            h.update(np.ascontiguousarray(x).tobytes())
+
+
+def data_fingerprint(inputs: Sequence[np.ndarray], targets: np.ndarray, slice_targets: np.ndarray | None = None,
+                     extra: ExtraSlices | None = None) -> str:
+    """Names what a form trains on: its inputs (`StudyInputs` or arrays), targets [S, 8], slice labels and extra
+    labelled slices. Equal across runs that rebuilt nothing; `training.fit` does not resume a checkpoint saved under
+    another (notebook 02 localised again, a label changed)."""
+    h = hashlib.sha1()
+    _update_with_inputs(h, inputs)
+    for arr in (targets, slice_targets):
+        if arr is not None:
+            h.update(np.nan_to_num(np.asarray(arr, np.float32), nan=-1.0).tobytes())
+    if extra is not None:
+        _update_with_inputs(h, extra.store)
+        h.update(np.asarray(extra.owners, np.int64).tobytes())
+        for t in extra.targets:
+            h.update(np.asarray(t, np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
 def input_key(settings, spec: CacheSpec) -> str:
     """Names the store of one input shape: the cache it is cut from and the settings that shape it."""
     text = json.dumps({"version": INPUTS_VERSION, "cache": spec.key, "form": settings.form,

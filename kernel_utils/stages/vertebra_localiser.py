@@ -228,8 +228,17 @@ def localise_all(studies, unets: list, slice_models: list[SliceModel], folds: di
 
 
 def write_localisation(masks_dir: Path, uid: str, mask: np.ndarray) -> None:
-    """The mask npz of one study, atomically."""
-    with atomic_file(Path(masks_dir) / f"{uid}.npz") as tmp, open(tmp, "wb") as f:
+    """The mask npz of one study, atomically; left untouched when it already holds this mask, so a rerun of notebook
+    02 that finds the same masks keeps the inputs and fold models made from them (`StudyLocalisation.fingerprint`)."""
+    path = Path(masks_dir) / f"{uid}.npz"
+    if path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                if np.array_equal(f["mask"], mask):
+                    return
+        except Exception:  # unreadable: written again below
+            pass
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, mask=mask)
 
 
