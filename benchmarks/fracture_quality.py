@@ -49,6 +49,7 @@ from kernel_utils.stages.vertebra_localiser import (
     localise_study,
     write_localisation,
 )
+from kernel_utils.training import stored_data_key
 
 
 def truth_localisation(data_dir, work_dir, spec) -> None:
@@ -237,9 +238,11 @@ def main(argv: list[str] | None = None) -> dict:
         wants_slices = settings.slices_first or settings.slice_loss > 0
         slice_targets, extra = slice_labels_of(data_dir, work_dir, spec, settings, inputs, labels, boxes_true,
                                                progress=False) if wants_slices else (None, None)
-        resumed = any((work_dir / f"fracture_models_{where}").glob(f"{settings.cfg.run_name}_fold*_last.pt"))
+        before = [stored_data_key(p) for p in
+                  (work_dir / f"fracture_models_{where}").glob(f"{settings.cfg.run_name}_fold*_last.pt")]
         cv = cross_validate_fracture(uids, inputs, labels, settings, work_dir / f"fracture_models_{where}",
                                      progress=False, slice_targets=slice_targets, extra_slices=extra)
+        resumed = cv["data_key"] in before  # a checkpoint of other data trained again
         t2 = time.perf_counter()
         tu, ti, _ = form_inputs(data_dir, work_dir, spec, settings, "test")
         t3 = time.perf_counter()

@@ -134,6 +134,15 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return state
 
 
+def stored_data_key(path: str | os.PathLike) -> str | None:
+    """The `data_key` a checkpoint was saved with ("" before keys were kept), None when it cannot be read; the
+    file is memory-mapped, not read whole."""
+    try:
+        return str(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("data_key", ""))
+    except Exception:  # unreadable or not a dict: nothing `fit` would resume
+        return None
+
+
 def _set_aside(path: Path, why: str) -> None:
     """Keep an unreadable checkpoint as `<name>.corrupt` (nothing is deleted) and say so."""
     path.replace(path.with_name(path.name + ".corrupt"))

@@ -57,6 +57,9 @@ def test_a_finished_fold_of_other_data_trains_again_and_one_of_the_same_data_is_
     assert "trained on other data" in caplog.text
     best, last = checkpoint_paths(tmp_path, CFG, 0)
     assert load_checkpoint(last)["data_key"] == load_checkpoint(best)["data_key"] == "masks-b"
+    assert training.stored_data_key(last) == "masks-b"  # what the benchmarks read to tell a resumed run
+    last.write_bytes(b"not a checkpoint")
+    assert training.stored_data_key(last) is None
 
 
 def test_loader_workers(monkeypatch):

@@ -225,7 +225,7 @@ def cross_validate_fracture(uids: list[str], inputs: Sequence[np.ndarray], label
     Returns:
         oof: wide out-of-fold predictions (patient_overall by the mode chosen); raw_oof: [N, 8] sigmoid outputs;
         patient_mode, patient_scores (loss of each mode); scores: loss per fold and overall, both
-        normalisations; histories; folds (uid -> fold).
+        normalisations; histories; folds (uid -> fold); data_key (`data_fingerprint` of what the folds trained on).
     """
     labels = labels.set_index("StudyInstanceUID").loc[uids].reset_index()
     folds = make_folds(labels, min(settings.n_folds, max(2, len(uids) // 2)))
@@ -256,7 +256,7 @@ def cross_validate_fracture(uids: list[str], inputs: Sequence[np.ndarray], label
     rows.append({"fold": "all", **{f"loss_{n}": competition_loss(truth, oof, n) for n in NORMALIZATIONS}})
     return {"oof": oof, "raw_oof": raw, "patient_mode": mode, "patient_scores": patient_scores,
             "scores": pd.DataFrame(rows).set_index("fold"), "histories": pd.concat(histories, ignore_index=True),
-            "folds": dict(zip(uids, fold_of.tolist(), strict=True))}
+            "folds": dict(zip(uids, fold_of.tolist(), strict=True)), "data_key": data_key}
 
 
 def load_fold_models(settings, channels: int, out_dir: str | os.PathLike, n_folds: int) -> list[torch.nn.Module]:
